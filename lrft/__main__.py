@@ -1,0 +1,3 @@
+from lrft.cli import entry
+
+entry()

@@ -1,0 +1,89 @@
+"""Run-folder state on disk: checkpoints during training and the final trainable state.
+
+Everything is written to a temporary sibling folder, then renamed into place and marked complete
+last, so a killed process never leaves a folder that looks finished. Weights go through
+safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lrft.errors import UserError
+
+COMPLETE = "COMPLETE"
+TRAINABLE = "trainable.safetensors"
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    (tmp / COMPLETE).write_text("ok\n")
+    for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise UserError(f"Cannot read weights file {path}: {err}") from None
+
+
+def method_config(method: Any) -> dict[str, Any]:
+    return asdict(method.cfg) if is_dataclass(method.cfg) else dict(method.cfg)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, method: Any, model: nn.Module, optimizer: Any, scheduler: Any, keep: int
+) -> Path:
+    """``run_dir/checkpoints/step-N``: trainable state, optimizer and scheduler state, the step."""
+    final = run_dir / "checkpoints" / f"step-{step:08d}"
+    tmp = _atomic_dir(final)
+    save_state(method.trainable_state_dict(model), tmp / TRAINABLE)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_config(method)}))
+    _commit(tmp, final)
+    done = sorted(p for p in final.parent.glob("step-*") if (p / COMPLETE).exists())
+    for old in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(old)
+    return final
+
+
+def save_final(run_dir: Path, method: Any, model: nn.Module, tokenizer: Any, cfg: DictConfig) -> Path:
+    """``run_dir/final``: the trainable state (full model for methods that train every weight)."""
+    final = run_dir / "final"
+    tmp = _atomic_dir(final)
+    if getattr(method, "full_weights", False):
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        save_state(method.trainable_state_dict(model), tmp / TRAINABLE)
+    tokenizer.save_pretrained(tmp)
+    meta = {"method": method_config(method), "model": OmegaConf.to_container(cfg.model, resolve=True)}
+    (tmp / "lrft.json").write_text(json.dumps(meta, indent=2))
+    _commit(tmp, final)
+    return final

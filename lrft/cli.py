@@ -1,0 +1,174 @@
+"""``lrft`` command line: subcommands dispatch to Hydra-composed plain functions; no logic here."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from itertools import islice, product
+
+from rich.console import Console
+from rich.table import Table
+
+from lrft.errors import EXIT_USAGE, UserError, did_you_mean
+
+console = Console(stderr=True)
+out = Console()
+
+EXAMPLES = """\
+  lrft train                                       quickstart: tiny LLaMA, LoRA-FA, bundled data, CPU
+  lrft train method=lora_fa model=llama7b dataset=alpaca
+  lrft train model=tiny_roberta dataset=glue/sst2 dataset.data_files.train=train.jsonl \\
+             dataset.data_files.validation=dev.jsonl
+  lrft train -m method=lora,lora_fa method.r=4,8   sweep: one run folder per job
+  lrft train model=llama7b --cfg job               print the composed config and exit"""
+
+SUBCOMMANDS = {
+    "train": "fine-tune a model: compose model/method/quantization/optimizer/dataset configs and run",
+    "eval": "evaluate a run or a model on GLUE or MMLU (coming: issue #4)",
+    "merge": "fold a run's adapter into the base weights and export a transformers folder (issue #5)",
+}
+
+
+def print_overview() -> None:
+    from lrft import __version__
+
+    out.print(f"[bold]lrft {__version__}[/]: memory-efficient low-rank fine-tuning\n")
+    out.print("usage: lrft <command> [key=value ...] [hydra flags]\n")
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    for name, text in SUBCOMMANDS.items():
+        table.add_row(f"[bold cyan]{name}[/]", text)
+    out.print(table)
+    out.print("\n`lrft <command> --help` lists that command's config groups and keys.\n\nexamples:")
+    out.print(EXAMPLES, markup=False, highlight=False)
+
+
+def print_train_help() -> None:
+    from lrft.config import GROUPS, TrainerConfig, group_options
+
+    out.print("[bold]lrft train[/] [group=option ...] [group.key=value ...] [-m] [--cfg job]\n")
+    table = Table(title="config groups (defaults in bold)", show_lines=False)
+    table.add_column("group")
+    table.add_column("options")
+    defaults = {"model": "tiny_llama", "method": "lora_fa", "quantization": "none",
+                "optimizer": "adamw", "dataset": "quickstart"}  # fmt: skip
+    for group in GROUPS:
+        opts = [f"[bold]{o}[/]" if o == defaults[group] else o for o in group_options(group)]
+        table.add_row(group, ", ".join(opts))
+    out.print(table)
+    keys = Table(title="trainer.* keys", show_header=True)
+    keys.add_column("key")
+    keys.add_column("default")
+    for f in fields(TrainerConfig):
+        keys.add_row(f"trainer.{f.name}", repr(f.default) if f.default is not MISSING else "")
+    out.print(keys)
+    out.print(
+        "Each group's keys: `lrft train --cfg job` prints them all, e.g. method.r, method.alpha,\n"
+        "method.dropout, method.target_modules, optimizer.lr, dataset.data_files.train, model.name_or_path.\n"
+        "Hydra's own flags: --cfg job|hydra|all, -m/--multirun, --info, --hydra-help.\n\nexamples:"
+    )
+    out.print(EXAMPLES, markup=False, highlight=False)
+
+
+def expand_sweeps(overrides: list[str], limit: int = 64) -> list[list[str]]:
+    """Every combination a ``-m`` sweep would run (capped), so each is validated before any work."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for ov, text in zip(parsed, overrides, strict=True):
+        if ov.is_sweep_override():
+            key = text.split("=", 1)[0]
+            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return [list(c) for c in islice(product(*choices), limit)]
+
+
+def train_cmd(argv: list[str]) -> int:
+    from hydra._internal.utils import get_args_parser
+
+    from lrft.config import compose
+
+    args = get_args_parser().parse_args(argv)
+    if args.help:
+        print_train_help()
+        return 0
+    try:
+        combos = expand_sweeps(args.overrides) if args.multirun else [args.overrides]
+    except Exception as err:  # the override grammar's own errors
+        raise UserError(f"Cannot parse the overrides {args.overrides}: {err}") from None
+    for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
+        compose(combo)
+    return _run_hydra(argv)
+
+
+def _run_hydra(argv: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, open_dict
+
+    from lrft.config import config_dir, register_schemas, validate
+
+    register_schemas()
+
+    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+    def task(cfg: DictConfig) -> None:
+        from lrft.train import train
+
+        hc = HydraConfig.get()
+        try:
+            validate(cfg)
+            with open_dict(cfg):
+                cfg.output_dir = hc.runtime.output_dir
+            train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+        except UserError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            sys.exit(EXIT_USAGE)
+
+    saved = sys.argv
+    sys.argv = ["lrft train", *argv]
+    try:
+        task()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _later(issue: int, name: str) -> Callable[[list[str]], int]:
+    def cmd(argv: list[str]) -> int:
+        raise UserError(f"`lrft {name}` is not available in this version yet (tracked in issue #{issue}).")
+
+    return cmd
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": train_cmd,
+    "eval": _later(4, "eval"),
+    "merge": _later(5, "merge"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_overview()
+        return 0
+    if argv[0] == "--version":
+        from lrft import __version__
+
+        out.print(__version__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        console.print(f"[bold red]error:[/] unknown command '{cmd}'.{did_you_mean(cmd, COMMANDS)}")
+        return EXIT_USAGE
+    try:
+        return COMMANDS[cmd](rest)
+    except UserError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        return EXIT_USAGE
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML option extends its group's schema (``defaults: [/schema/<group>/<name>@_here_]``), so a
+misspelled key in a YAML file or on the command line fails at composition. :func:`compose` turns
+Hydra's failures into :class:`~lrft.errors.UserError` messages that name the key and its closest
+valid spellings; :func:`validate` checks values and cross-group combinations.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lrft.errors import UserError, closest, did_you_mean
+
+TASKS = ("causal", "classification", "seq2seq")
+DATASET_KINDS = ("glue", "instruction")
+# which (model task, dataset kind) pairs make sense, and how
+COMPATIBLE = {
+    ("classification", "glue"): "classification head on the GLUE label",
+    ("seq2seq", "glue"): "text-to-text: the label is generated as a word",
+    ("seq2seq", "instruction"): "text-to-text: the response is the target",
+    ("causal", "instruction"): "causal LM, loss on the response tokens only",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which network to load and how. ``name_or_path`` wins over ``from_config``."""
+
+    name: str = MISSING
+    task: str = MISSING  # causal | classification | seq2seq
+    name_or_path: str | None = None  # hub id or local folder (from_pretrained)
+    from_config: dict[str, Any] | None = None  # random init from these config kwargs (offline)
+    arch: str | None = None  # transformers model_type used with from_config (llama, roberta, t5)
+    tokenizer: str | None = None  # hub id / folder; "byte" = built-in byte-level tokenizer
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    device_map: str | None = None  # e.g. "auto" for big models on one host
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    target_modules: list[str] = field(default_factory=list)  # default adapter targets
+    modules_to_save: list[str] = field(default_factory=list)  # trained fully (task heads)
+
+
+@dataclass
+class QuantizationConfig:
+    name: str = "none"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+
+
+@dataclass
+class DataFiles:
+    train: str | None = None
+    validation: str | None = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    kind: str = MISSING  # glue | instruction
+    path: str | None = None  # hub id for datasets.load_dataset
+    subset: str | None = None  # hub config name (the GLUE task)
+    data_files: DataFiles = field(default_factory=DataFiles)  # local files win over the hub
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_length: int = 256
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    prompt_template: str = "alpaca"  # instruction data: alpaca | plain
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = -1  # > 0 wins over epochs
+    epochs: float = 1.0
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate once at the end
+    save_every: int = 0  # 0: only the final state
+    seed: int = 42
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    lr_scheduler: str = "linear"  # linear | cosine | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    cpu: bool = False  # force CPU even when a GPU is there
+    report_to: str | None = None  # tensorboard
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    method: Any = MISSING  # the method's own schema (see lrft.methods.registry)
+    quantization: QuantizationConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: str = MISSING
+
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "quantization": QuantizationConfig,
+    "optimizer": OptimizerConfig,
+    "dataset": DatasetConfig,
+}
+GROUPS = ("model", "method", "quantization", "optimizer", "dataset")
+
+
+def config_dir() -> Path:
+    """The packaged ``configs/`` folder (works for editable and regular installs)."""
+    return Path(str(resources.files("lrft") / "configs")) if _packaged() else _repo_configs()
+
+
+def _packaged() -> bool:
+    return (Path(str(resources.files("lrft"))) / "configs" / "train.yaml").is_file()
+
+
+def _repo_configs() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def recipes_dir() -> Path:
+    packaged = Path(str(resources.files("lrft"))) / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def register_schemas() -> None:
+    """Store every group schema (and each method's own) under ``schema/<group>/<name>``."""
+    from hydra.core.config_store import ConfigStore
+
+    from lrft.methods.registry import METHODS
+
+    if not OmegaConf.has_resolver("bundled"):
+        # ${bundled:quickstart/train.jsonl}: a data file shipped inside the package
+        OmegaConf.register_new_resolver("bundled", lambda rel: str(Path(__file__).parent / "data" / rel))
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=f"schema/{group}", name="base", node=schema)
+    for name, spec in METHODS.items():
+        cs.store(group="schema/method", name=name, node=spec.config)
+
+
+def group_options(group: str) -> list[str]:
+    """Options of a config group, read from the config folder (nested ones as ``glue/cola``)."""
+    root = config_dir() / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Compose the real configs with Hydra overrides, as ``lrft train`` does, and validate.
+
+    Raises :class:`UserError` with the closest valid names for unknown groups, options or keys.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides or [])
+    check_overrides(overrides)
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name, overrides=overrides)
+    except Exception as err:  # Hydra/OmegaConf composition errors -> one clear message
+        raise UserError(explain_compose_error(err, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Catch unknown groups, options and keys before Hydra does, to suggest the closest names."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:
+        raise UserError(f"Cannot parse the overrides {overrides}: {err}") from None
+    for ov in parsed:
+        key = ov.key_or_group
+        if key.startswith("hydra") or ov.is_delete():
+            continue
+        top, _, rest = key.partition(".")
+        if top in GROUPS and not rest:
+            values = _override_values(ov)
+            options = group_options(top)
+            for value in values:
+                if value not in options and value is not None:
+                    raise UserError(f"Unknown option '{value}' for {top}.{did_you_mean(value, options)}")
+        elif top not in GROUPS + ("trainer", "output_dir", "memory"):
+            valid = list(GROUPS) + ["trainer", "output_dir"]
+            raise UserError(f"Unknown config key '{key}'.{did_you_mean(top, valid)}")
+
+
+def _override_values(ov: Any) -> list[Any]:
+    if ov.is_sweep_override():
+        return [str(v) for v in ov.sweep_string_iterator()]
+    value = ov.value()
+    return [None if value is None else str(value)]
+
+
+_KEY_RE = re.compile(r"Key '([^']+)' is not in struct")
+_OVERRIDE_RE = re.compile(r"Could not override '([^']+)'")
+
+
+def explain_compose_error(err: Exception, overrides: list[str]) -> str:
+    """Turn a Hydra/OmegaConf composition error into a message with did-you-mean names."""
+    text = str(err)
+    cause = err.__cause__ or err.__context__
+    full = f"{text}\n{cause}" if cause else text
+    key_match = _OVERRIDE_RE.search(full)
+    bad = _KEY_RE.search(full)
+    if key_match or bad:
+        dotted = key_match.group(1) if key_match else bad.group(1)
+        parent, _, leaf = dotted.rpartition(".")
+        valid = _keys_of(parent, overrides)
+        hint = did_you_mean(leaf, valid) if valid else ""
+        return f"Unknown config key '{dotted}'.{hint}"
+    detail = str(cause).split("\n")[0] if cause else ""
+    return f"Invalid configuration: {text.strip().splitlines()[0]}" + (f" ({detail})" if detail else "")
+
+
+def _keys_of(parent: str, overrides: list[str]) -> list[str]:
+    """The keys that exist under ``parent`` once the group choices among ``overrides`` apply."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    groups_only = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose("train", overrides=groups_only)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return list(node.keys()) if isinstance(node, DictConfig) else []
+    except Exception:
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values and combinations that a schema's types cannot express."""
+    if "model" not in cfg:  # eval/merge configs validate their own parts
+        return
+    _check_keys(cfg)
+    m, d, t = cfg.model, cfg.dataset, cfg.trainer
+    _one_of("model.task", m.task, TASKS)
+    _one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
+    _one_of("dataset.kind", d.kind, DATASET_KINDS)
+    _one_of("optimizer.name", cfg.optimizer.name, ("adamw", "sgd"))
+    _one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
+    _one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
+    if m.name_or_path is None and m.from_config is None:
+        raise UserError(f"model '{m.name}' has neither name_or_path nor from_config: set model.name_or_path.")
+    if (m.task, d.kind) not in COMPATIBLE:
+        works = "; ".join(f"{a} model + {b} data ({how})" for (a, b), how in COMPATIBLE.items())
+        raise UserError(
+            f"model '{m.name}' ({m.task}) cannot train on dataset '{d.name}' ({d.kind}). "
+            f"Combinations that work: {works}."
+        )
+    for key in ("batch_size", "grad_accum"):
+        if t[key] < 1:
+            raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise UserError("Set trainer.max_steps > 0 or trainer.epochs > 0.")
+    if cfg.optimizer.lr <= 0:
+        raise UserError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}.")
+    from lrft.methods.registry import get_method
+
+    get_method(cfg.method.name).validate(cfg)
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    """Keys added with ``+group.key=...`` bypass Hydra's struct check: hold them to the schema too."""
+    from dataclasses import fields
+
+    from lrft.methods.registry import METHODS, get_method
+
+    schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig)
+    get_method(cfg.method.name)
+    schemas["method"] = METHODS[cfg.method.name].config
+    for group, schema in schemas.items():
+        valid = [f.name for f in fields(schema)]
+        for key in cfg[group]:
+            if key not in valid:
+                raise UserError(f"Unknown config key '{group}.{key}'.{did_you_mean(str(key), valid)}")
+    extra = set(cfg.keys()) - {f.name for f in fields(TrainConfig)}
+    if extra:
+        raise UserError(f"Unknown config key '{sorted(extra)[0]}'.{did_you_mean(sorted(extra)[0], GROUPS)}")
+
+
+def _one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise UserError(f"{key}={value!r} is not valid.{did_you_mean(str(value), valid)}")
+
+
+__all__ = ["TrainConfig", "closest", "compose", "config_dir", "group_options", "validate"]

@@ -1,0 +1,29 @@
+"""User-facing errors: a clear message and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data file, combination). The CLI prints it and exits 2."""
+
+
+def closest(word: str, options: Iterable[str], n: int = 3) -> list[str]:
+    """The valid names nearest to ``word``, best first (may be empty)."""
+    options = sorted(set(options))
+    hits = difflib.get_close_matches(word, options, n=n, cutoff=0.5)
+    if not hits:
+        # a prefix or substring match still helps ("lora_" -> lora, lora_fa)
+        hits = [o for o in options if o.startswith(word) or word in o][:n]
+    return hits
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    options = sorted(set(options))
+    hits = closest(word, options)
+    hint = f" Did you mean: {', '.join(hits)}?" if hits else ""
+    return f"{hint} Valid: {', '.join(options)}."

@@ -1,0 +1,115 @@
+"""The Method protocol the trainer talks to, and the helpers every method shares."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrft.errors import UserError
+
+# Layers adapted by "all-linear": every nn.Linear except the output heads, as PEFT does.
+OUTPUT_HEADS = ("lm_head", "classifier", "score", "out_proj", "qa_outputs")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "?"
+    # modules trained in full besides the method's own parameters (a task head);
+    # null: the model config's default (e.g. RoBERTa's classifier)
+    modules_to_save: list[str] | None = None
+
+
+class Method(abc.ABC):
+    """A fine-tuning strategy. The trainer calls nothing but these methods.
+
+    Subclasses set ``name`` through ``@register_method`` and override :meth:`apply`.
+    """
+
+    name: str = "?"
+    full_weights: bool = False  # True: the trained state is the whole model (saved with save_pretrained)
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def validate(cls, root_cfg: Any) -> None:
+        """Refuse impossible combinations with other config groups (before any work)."""
+
+    @abc.abstractmethod
+    def apply(self, model: nn.Module, defaults: dict[str, list[str]] | None = None) -> nn.Module:
+        """Transform ``model`` in place for training and return it.
+
+        ``defaults`` gives the model's default ``target_modules`` and ``modules_to_save``.
+        """
+
+    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold to rebuild the trained model on top of the base."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        missing = set(state) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise UserError(f"checkpoint has parameters the model lacks: {sorted(missing)[:5]}")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Trainable parameters split into decay / no-decay (biases, norms, 1-D) groups."""
+        decay, no_decay = [], []
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+
+def mark_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    """Make every parameter of modules whose name ends with one of ``names`` trainable."""
+    hit = []
+    for mod_name, module in model.named_modules():
+        if any(mod_name == n or mod_name.endswith("." + n) for n in names):
+            module.requires_grad_(True)
+            hit.append(mod_name)
+    return hit
+
+
+def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Names of the linear layers matching ``targets`` (last name component, or "all-linear")."""
+    linear_types = _linear_types()
+    linears = [n for n, m in model.named_modules() if isinstance(m, linear_types)]
+    if targets == ["all-linear"]:
+        found = [n for n in linears if n.split(".")[-1] not in OUTPUT_HEADS]
+    else:
+        found = [n for n in linears if n.split(".")[-1] in targets or n in targets]
+    if not found:
+        kinds = sorted({n.split(".")[-1] for n in linears})
+        raise UserError(
+            f"method.target_modules={targets} matches no linear layer of this model. "
+            f"Its linear layers are named: {', '.join(kinds)} (or use all-linear)."
+        )
+    return found
+
+
+def _linear_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Linear]
+    try:  # quantized bases are adapted like plain ones
+        import bitsandbytes as bnb
+
+        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except Exception:  # pragma: no cover - bitsandbytes is a dependency but may fail to load
+        pass
+    return tuple(types)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

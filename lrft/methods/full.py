@@ -1,0 +1,24 @@
+"""Full fine-tuning: every parameter trains. The baseline every comparison is made against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lrft.methods.base import Method, MethodConfig
+from lrft.methods.registry import register_method
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    name: str = "full"
+
+
+@register_method("full", config=FullConfig)
+class Full(Method):
+    full_weights = True  # the run saves a whole model, not an adapter
+
+    def apply(self, model: nn.Module, defaults: dict[str, list[str]] | None = None) -> nn.Module:
+        model.requires_grad_(True)
+        return model

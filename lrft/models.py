@@ -1,0 +1,142 @@
+"""Load a model and tokenizer for a task: causal LM, sequence classification, or text-to-text.
+
+Real models come through ``from_pretrained`` (hub id or local folder, dtype, device map); the tiny
+ones are built at random from a config with a byte-level tokenizer made in code, so they need no
+download at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrft.errors import UserError
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]  # ids 0..4, then the 256 bytes
+BYTE_VOCAB = len(SPECIALS) + 256
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def byte_tokenizer(style: str = "llama") -> Any:
+    """A byte-level tokenizer (261 ids) that needs no file: every text encodes, one id per byte.
+
+    ``style`` sets the special-token template: ``llama`` (``<s> A``), ``roberta``
+    (``<s> A </s></s> B </s>``) or ``t5`` (``A </s>``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    ids = {t: vocab[t] for t in SPECIALS}
+    templates = {
+        "llama": ("<s> $A", "<s> $A $B"),
+        "roberta": ("<s> $A </s>", "<s> $A </s> </s> $B </s>"),
+        "t5": ("$A </s>", "$A </s> $B </s>"),
+    }
+    if style not in templates:
+        raise ValueError(f"unknown tokenizer style {style!r}")
+    single, pair = templates[style]
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, ids[t]) for t in ("<s>", "</s>")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        padding_side="right",
+    )
+
+
+def _auto_class(task: str) -> Any:
+    import transformers as tf
+
+    return {
+        "causal": tf.AutoModelForCausalLM,
+        "classification": tf.AutoModelForSequenceClassification,
+        "seq2seq": tf.AutoModelForSeq2SeqLM,
+    }[task]
+
+
+def head_kwargs(task: str, num_labels: int | None) -> dict[str, Any]:
+    """Config kwargs for the task head: label count, and regression for one label (STS-B)."""
+    if task != "classification" or num_labels is None:
+        return {}
+    kw: dict[str, Any] = {"num_labels": num_labels}
+    if num_labels == 1:
+        kw["problem_type"] = "regression"
+    return kw
+
+
+def load_tokenizer(mcfg: Any) -> Any:
+    """The model's tokenizer, with a pad token (causal LMs often lack one: reuse EOS)."""
+    from transformers import AutoTokenizer
+
+    source = mcfg.tokenizer or mcfg.name_or_path
+    if source is None or source == "byte":
+        tok = byte_tokenizer(mcfg.arch or "llama")
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code
+            )
+        except OSError as err:
+            raise UserError(f"Cannot load the tokenizer from '{source}': {err}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(mcfg: Any, num_labels: int | None = None, quantization: dict[str, Any] | None = None) -> nn.Module:
+    """Build the model for ``mcfg.task``: ``from_pretrained`` when ``name_or_path`` is set,
+    else random init from ``from_config`` (the offline tiny models)."""
+    from transformers import AutoConfig
+
+    auto = _auto_class(mcfg.task)
+    kw = head_kwargs(mcfg.task, num_labels)
+    if mcfg.name_or_path:
+        load_kw: dict[str, Any] = dict(
+            revision=mcfg.revision,
+            trust_remote_code=mcfg.trust_remote_code,
+            dtype="auto" if mcfg.dtype == "auto" else _DTYPES[mcfg.dtype],
+            **kw,
+        )
+        if mcfg.device_map:
+            load_kw["device_map"] = mcfg.device_map
+        if mcfg.attn_implementation:
+            load_kw["attn_implementation"] = mcfg.attn_implementation
+        load_kw.update(quantization or {})
+        try:
+            return auto.from_pretrained(mcfg.name_or_path, **load_kw)
+        except OSError as err:
+            raise UserError(
+                f"Cannot load model '{mcfg.name_or_path}': {err}\n"
+                "Offline? Point model.name_or_path at a local folder, or use a tiny_* model."
+            ) from None
+    if not mcfg.arch:
+        raise UserError(f"model '{mcfg.name}' builds from_config and needs model.arch (llama, roberta, t5).")
+    config = AutoConfig.for_model(mcfg.arch, **dict(mcfg.from_config), **kw)
+    if mcfg.attn_implementation:
+        config._attn_implementation = mcfg.attn_implementation
+    model = auto.from_config(config)
+    if mcfg.dtype not in ("float32", "auto"):
+        model = model.to(_DTYPES[mcfg.dtype])
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,133 @@
+"""The shared low-rank layer: exact gradients, what it saves for backward, parity with PEFT."""
+
+import pytest
+import torch
+from torch import nn
+
+from lrft.memory import saved_activation_bytes
+from lrft.methods.layers import LowRankLinear, _dropout_mask
+
+N, K, D, R = 24, 64, 48, 4  # tokens, in, out, rank
+
+
+def make(freeze_a: bool, p: float, dtype=torch.float64):
+    torch.manual_seed(0)
+    base = nn.Linear(K, D).to(dtype).requires_grad_(False)
+    layer = LowRankLinear(base, R, alpha=8, dropout=p, freeze_a=freeze_a).to(dtype)
+    nn.init.normal_(layer.lora_B)  # non-zero B so every gradient path is exercised
+    return layer
+
+
+@pytest.mark.parametrize("freeze_a", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradients_match_plain_autograd(freeze_a, p):
+    """Custom backward == autograd of the textbook formula (float64, tolerance 1e-12)."""
+    layer = make(freeze_a, p)
+    x = torch.randn(2, N // 2, K, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    (y.sin().sum()).backward()
+
+    a = layer.lora_A.detach().clone().requires_grad_(not freeze_a)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    xd = x2 * _dropout_mask(x2, p, seed) if p > 0 else x2
+    y2 = layer.base_layer(x2) + layer.scale * (xd @ a.t()) @ b.t()
+    (y2.sin().sum()).backward()
+
+    torch.testing.assert_close(y, y2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=0, atol=1e-12)
+    if freeze_a:
+        assert layer.lora_A.grad is None
+    else:
+        torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=0, atol=1e-12)
+
+
+def test_dropout_is_active_in_training_and_off_in_eval():
+    layer = make(True, 0.5)
+    x = torch.randn(N, K, dtype=torch.float64)
+    assert not torch.equal(layer(x), layer(x))  # fresh masks each call
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    ("freeze_a", "p", "expected"),
+    [
+        (True, 0.0, N * R),  # LoRA-FA: only x·Aᵀ
+        (True, 0.1, N * R),  # ... and no dropout mask
+        (False, 0.1, N * K + N * R),  # LoRA: the dropped input once, plus x·Aᵀ
+    ],
+)
+def test_saves_only_what_gradients_need(freeze_a, p, expected):
+    """Saved activations (parameters excluded, float32 => 4 bytes per number)."""
+    layer = make(freeze_a, p, torch.float32)
+    x = torch.randn(N, K, requires_grad=True)  # an activation of an earlier layer
+    x = x * 1.0  # not a leaf: counted if saved
+    assert saved_activation_bytes(layer, lambda: layer(x)) == 4 * expected
+
+
+def test_frozen_model_saves_nothing_for_its_weights():
+    base = nn.Linear(K, D).requires_grad_(False)
+    x = torch.randn(N, K, requires_grad=True) * 1.0
+    assert saved_activation_bytes(base, lambda: base(x)) == 0
+
+
+def test_delta_reproduces_the_adapted_output():
+    layer = make(False, 0.0)
+    layer.eval()
+    x = torch.randn(N, K, dtype=torch.float64)
+    merged = nn.functional.linear(x, layer.base_layer.weight + layer.delta().double(), layer.base_layer.bias)
+    torch.testing.assert_close(layer(x), merged, rtol=1e-10, atol=1e-10)
+
+
+def test_works_under_autocast_and_gradient_checkpointing():
+    layer = make(True, 0.1, torch.float32)
+    x = torch.randn(N, K, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_B.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+    from torch.utils.checkpoint import checkpoint
+
+    layer.lora_B.grad = None
+    torch.manual_seed(3)
+    y1 = layer(x)
+    y1.sum().backward()
+    g1 = layer.lora_B.grad.clone()
+    layer.lora_B.grad = None
+    torch.manual_seed(3)
+    y2 = checkpoint(layer, x, use_reentrant=False)  # recompute must regenerate the same mask
+    y2.sum().backward()
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(g1, layer.lora_B.grad)
+
+
+def test_matches_peft_lora_with_the_same_factors():
+    """Same W, A, B, scale => same output as PEFT's LoRA layer (float64, tolerance 1e-12)."""
+    peft = pytest.importorskip("peft")
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(K, D), nn.ReLU(), nn.Linear(D, D)).double()
+    import copy
+
+    ref = peft.get_peft_model(
+        copy.deepcopy(net), peft.LoraConfig(r=R, lora_alpha=8, target_modules=["0", "2"], lora_dropout=0.0)
+    )
+    import lrft
+
+    ours = lrft.apply_method(copy.deepcopy(net), "lora", r=R, alpha=8, dropout=0.0, target_modules=["0", "2"])
+    for idx in ("0", "2"):
+        peft_layer = ref.base_model.model.get_submodule(idx)
+        layer = ours.get_submodule(idx)
+        with torch.no_grad():
+            nn.init.normal_(layer.lora_B)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    x = torch.randn(N, K, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
