@@ -50,8 +50,13 @@ def print_train_help() -> None:
     table = Table(title="config groups (defaults in bold)", show_lines=False)
     table.add_column("group")
     table.add_column("options")
-    defaults = {"model": "tiny_llama", "method": "lora_fa", "quantization": "none",
-                "optimizer": "adamw", "dataset": "quickstart"}  # fmt: skip
+    defaults = {
+        "model": "tiny_llama",
+        "method": "lora_fa",
+        "quantization": "none",
+        "optimizer": "adamw",
+        "dataset": "quickstart",
+    }
     for group in GROUPS:
         opts = [f"[bold]{o}[/]" if o == defaults[group] else o for o in group_options(group)]
         table.add_row(group, ", ".join(opts))
@@ -90,7 +95,7 @@ def train_cmd(argv: list[str]) -> int:
 
     from lrft.config import compose
 
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_intermixed_args(argv)
     if args.help:
         print_train_help()
         return 0
@@ -100,15 +105,18 @@ def train_cmd(argv: list[str]) -> int:
         raise UserError(f"Cannot parse the overrides {args.overrides}: {err}") from None
     for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
         compose(combo)
-    return _run_hydra(argv)
+    flags = list(argv)
+    for override in args.overrides:
+        flags.remove(override)
+    return _run_hydra(flags, args.overrides)
 
 
-def _run_hydra(argv: list[str]) -> int:
+def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, open_dict
 
-    from lrft.config import config_dir, register_schemas, validate
+    from lrft.config import config_dir, normalize_overrides, register_schemas, searchpath_override, validate
 
     register_schemas()
 
@@ -127,9 +135,12 @@ def _run_hydra(argv: list[str]) -> int:
             sys.exit(EXIT_USAGE)
 
     saved = sys.argv
-    sys.argv = ["lrft train", *argv]
+    # flags first: Hydra's parser wants the overrides in one contiguous run
+    sys.argv = ["lrft train", *flags, *normalize_overrides(overrides), searchpath_override()]
     try:
         task()
+    except SystemExit as stop:  # a job's UserError (exit 2) or Hydra's own failure (exit 1)
+        return int(stop.code or 0)
     finally:
         sys.argv = saved
     return 0

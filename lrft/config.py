@@ -140,6 +140,16 @@ def _repo_configs() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
+def searchpath_override() -> str:
+    """Put recipes/ on Hydra's search path: its overlays become the ``recipes`` group."""
+    return f"hydra.searchpath=[file://{recipes_dir().parent}]"
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """``recipes=X`` -> ``recipes@_global_=X``: recipes are global overlays, named plainly."""
+    return [("recipes@_global_" + o[len("recipes") :]) if o.startswith("recipes=") else o for o in overrides]
+
+
 def recipes_dir() -> Path:
     packaged = Path(str(resources.files("lrft"))) / "recipes"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
@@ -164,7 +174,7 @@ def register_schemas() -> None:
 
 def group_options(group: str) -> list[str]:
     """Options of a config group, read from the config folder (nested ones as ``glue/cola``)."""
-    root = config_dir() / group
+    root = recipes_dir() if group == "recipes" else config_dir() / group
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
@@ -183,7 +193,9 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name, overrides=overrides)
+            cfg = hydra_compose(
+                config_name, overrides=[*normalize_overrides(overrides), searchpath_override()]
+            )
     except Exception as err:  # Hydra/OmegaConf composition errors -> one clear message
         raise UserError(explain_compose_error(err, overrides)) from None
     finally:
@@ -205,14 +217,14 @@ def check_overrides(overrides: list[str]) -> None:
         if key.startswith("hydra") or ov.is_delete():
             continue
         top, _, rest = key.partition(".")
-        if top in GROUPS and not rest:
+        if top in (*GROUPS, "recipes") and not rest:
             values = _override_values(ov)
             options = group_options(top)
             for value in values:
                 if value not in options and value is not None:
                     raise UserError(f"Unknown option '{value}' for {top}.{did_you_mean(value, options)}")
-        elif top not in GROUPS + ("trainer", "output_dir", "memory"):
-            valid = list(GROUPS) + ["trainer", "output_dir"]
+        elif top not in (*GROUPS, "trainer", "output_dir"):
+            valid = [*GROUPS, "trainer", "output_dir", "recipes"]
             raise UserError(f"Unknown config key '{key}'.{did_you_mean(top, valid)}")
 
 
@@ -254,7 +266,7 @@ def _keys_of(parent: str, overrides: list[str]) -> list[str]:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose("train", overrides=groups_only)
+            cfg = hydra_compose("train", overrides=[*groups_only, searchpath_override()])
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return list(node.keys()) if isinstance(node, DictConfig) else []
     except Exception:

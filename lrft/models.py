@@ -98,7 +98,9 @@ def load_tokenizer(mcfg: Any) -> Any:
     return tok
 
 
-def load_model(mcfg: Any, num_labels: int | None = None, quantization: dict[str, Any] | None = None) -> nn.Module:
+def load_model(
+    mcfg: Any, num_labels: int | None = None, quantization: dict[str, Any] | None = None
+) -> nn.Module:
     """Build the model for ``mcfg.task``: ``from_pretrained`` when ``name_or_path`` is set,
     else random init from ``from_config`` (the offline tiny models)."""
     from transformers import AutoConfig

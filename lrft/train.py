@@ -11,12 +11,14 @@ import math
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from lrft.checkpoint import save_checkpoint, save_final
 from lrft.data import Collator, encode_rows, load_rows, num_labels
@@ -37,7 +39,7 @@ def build_optimizer(groups: list[dict[str, Any]], ocfg: Any) -> torch.optim.Opti
 def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any, total: int) -> Any:
     from transformers import get_scheduler
 
-    warmup = tcfg.warmup_steps or int(round(tcfg.warmup_ratio * total))
+    warmup = tcfg.warmup_steps or round(tcfg.warmup_ratio * total)
     kind = "constant_with_warmup" if tcfg.lr_scheduler == "constant" else tcfg.lr_scheduler
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
@@ -62,17 +64,28 @@ def write_run_files(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Non
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
-def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+@dataclass
+class Run:
+    """What :func:`train` leaves besides the run folder: its summary and the trained objects."""
+
+    summary: dict[str, Any]
+    model: nn.Module
+    method: Any
+
+
+def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> Run:
     """Train one composed config (see :func:`lrft.config.compose`), writing the run folder.
 
-    Returns a summary: steps, final train loss, final eval metrics, trainable/total parameters.
+    The summary holds steps, final train loss, final eval metrics and trainable/total parameters.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
     run_dir = Path(run_dir)
     t, task = cfg.trainer, cfg.model.task
+    AcceleratorState._reset_state()  # a second run in one process may use another precision
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
@@ -132,6 +145,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     step, window_loss, window_n, window_tokens = 0, 0.0, 0, 0
     last_loss, eval_metrics = float("nan"), {}
     tick = time.perf_counter()
+    if t.eval_every and eval_ex:  # a starting point, so the curve in metrics.jsonl has its origin
+        progress.note("step 0: " + _fmt(run_eval(0)))
     model.train()
     with progress:
         while step < total:
@@ -172,7 +187,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
                     progress.note(f"step {step}: " + _fmt(eval_metrics))
                 if t.save_every and step % t.save_every == 0 and step < total and main:
                     unwrapped = accelerator.unwrap_model(model)
-                    save_checkpoint(run_dir, step, method, unwrapped, optimizer, scheduler, t.keep_checkpoints)
+                    save_checkpoint(
+                        run_dir, step, method, unwrapped, optimizer, scheduler, t.keep_checkpoints
+                    )
                 if step >= total:
                     break
     if eval_ex:
@@ -191,7 +208,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         progress.summary(summary)
     accelerator.end_training()
-    return summary
+    return Run(summary, accelerator.unwrap_model(model), method)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

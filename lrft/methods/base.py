@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ class Method(abc.ABC):
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
 
-    @classmethod
+    @classmethod  # noqa: B027 - an optional hook, empty by default
     def validate(cls, root_cfg: Any) -> None:
         """Refuse impossible combinations with other config groups (before any work)."""
 
@@ -100,12 +101,10 @@ def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
 
 def _linear_types() -> tuple[type, ...]:
     types: list[type] = [nn.Linear]
-    try:  # quantized bases are adapted like plain ones
-        import bitsandbytes as bnb
-
+    # quantized bases are adapted like plain ones; a model with bitsandbytes layers has imported it
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None:
         types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except Exception:  # pragma: no cover - bitsandbytes is a dependency but may fail to load
-        pass
     return tuple(types)
 
 

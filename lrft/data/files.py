@@ -1,0 +1,105 @@
+"""Read local data files into rows: JSON (a list or one object per line), JSONL, CSV, TSV, Parquet.
+
+Each row comes back with its 1-based row number, so that schema errors can point at it: the line
+number for JSON lines (blank lines count, as in an editor), the record number otherwise (for CSV/TSV
+the header is not counted).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lrft.errors import UserError
+
+SUPPORTED = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+
+Row = tuple[int, Any]  # (row number, the record as read; validated by the caller)
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Every record of a local data file, chosen by extension. Raises :class:`UserError` on a
+    missing, unreadable, empty or malformed file."""
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in SUPPORTED:
+        raise UserError(f"{p}: unsupported data file type '{suffix}'. Supported: {', '.join(SUPPORTED)}.")
+    if not p.is_file():
+        hint = " (it is a folder)" if p.is_dir() else ""
+        raise UserError(f"{p}: data file not found{hint}.")
+    readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_tsv}
+    try:
+        rows = _read_parquet(p) if suffix == ".parquet" else readers[suffix](p)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    except OSError as err:
+        raise UserError(f"{p}: cannot read the file: {err}") from None
+    if not rows:
+        raise UserError(f"{p}: the file is empty (no rows).")
+    return rows
+
+
+def _read_json(p: Path) -> list[Row]:
+    text = p.read_text(encoding="utf-8-sig")
+    if not text.lstrip().startswith("["):
+        return _parse_lines(p, text, ".json files hold a list of objects or one object per line")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from None
+    return list(enumerate(data, start=1))
+
+
+def _read_jsonl(p: Path) -> list[Row]:
+    return _parse_lines(p, p.read_text(encoding="utf-8-sig"), "each line must be one JSON object")
+
+
+def _parse_lines(p: Path, text: str, expected: str) -> list[Row]:
+    rows: list[Row] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{p}, row {number}: malformed JSON line (column {err.colno}: {err.msg}); {expected}."
+            ) from None
+    return rows
+
+
+def _read_csv(p: Path) -> list[Row]:
+    return _read_delimited(p, csv.excel)
+
+
+def _read_tsv(p: Path) -> list[Row]:
+    # GLUE's own TSVs hold unbalanced quotes inside sentences: quotes are plain text there
+    class Tab(csv.excel_tab):
+        quoting = csv.QUOTE_NONE
+
+    return _read_delimited(p, Tab)
+
+
+def _read_delimited(p: Path, dialect: type[csv.Dialect]) -> list[Row]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with p.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, dialect=dialect)
+        try:
+            # a short line leaves missing cells as None, which the schema check reports as missing
+            return [(i, {k: v for k, v in rec.items() if k is not None}) for i, rec in enumerate(reader, 1)]
+        except csv.Error as err:
+            kind = p.suffix[1:].upper()
+            raise UserError(f"{p}, line {reader.line_num}: malformed {kind}: {err}.") from None
+
+
+def _read_parquet(p: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as err:  # pyarrow raises its own error types for corrupt files
+        raise UserError(f"{p}: cannot read the Parquet file: {err}") from None
+    return list(enumerate(table.to_pylist(), start=1))
