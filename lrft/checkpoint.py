@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +87,54 @@ def save_final(run_dir: Path, method: Any, model: nn.Module, tokenizer: Any, cfg
     (tmp / "lrft.json").write_text(json.dumps(meta, indent=2))
     _commit(tmp, final)
     return final
+
+
+@dataclass
+class LoadedRun:
+    cfg: DictConfig
+    model: nn.Module
+    tokenizer: Any
+    method: Any
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild a finished run's model: its base (hub id, local folder, or the saved random init)
+    with the method applied and the final trainable state loaded. Nothing is recomputed from data.
+    """
+    from lrft.data import num_labels
+    from lrft.methods import get_method
+    from lrft.methods.base import ApplyContext
+    from lrft.models import load_model
+
+    run_dir = Path(run_dir)
+    final = run_dir / "final"
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not an lrft run folder (no config.yaml).")
+    if not (final / COMPLETE).is_file():
+        raise UserError(f"{run_dir} has no complete final state ({final} missing or unfinished).")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    method = get_method(cfg.method.name)(_method_config(cfg))
+    model_cfg = cfg.model.copy()
+    if getattr(method, "full_weights", False):
+        model_cfg.name_or_path = str(final)
+    elif model_cfg.name_or_path is None:
+        model_cfg.name_or_path = str(run_dir / "base")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = load_model(model_cfg, num_labels=num_labels(cfg.dataset))
+    if not getattr(method, "full_weights", False):
+        defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
+        model = method.apply(model, defaults, ApplyContext(restoring=True))
+        method.load_trainable(model, load_state(final / TRAINABLE))
+    model.eval()
+    return LoadedRun(cfg, model, tokenizer, method)
+
+
+def _method_config(cfg: DictConfig) -> Any:
+    from lrft.methods.registry import METHODS
+
+    if cfg.method.name not in METHODS:
+        raise UserError(f"run uses method '{cfg.method.name}', which this lrft does not have.")
+    schema = OmegaConf.structured(METHODS[cfg.method.name].config)
+    return OmegaConf.to_object(OmegaConf.merge(schema, cfg.method))

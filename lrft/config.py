@@ -284,7 +284,9 @@ def validate(cfg: DictConfig) -> None:
     _one_of("model.task", m.task, TASKS)
     _one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
     _one_of("dataset.kind", d.kind, DATASET_KINDS)
-    _one_of("optimizer.name", cfg.optimizer.name, ("adamw", "sgd"))
+    from lrft.optim import OPTIMIZERS
+
+    _one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
     _one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
     if m.name_or_path is None and m.from_config is None:

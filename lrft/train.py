@@ -11,6 +11,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,16 +25,11 @@ from lrft.checkpoint import save_checkpoint, save_final
 from lrft.data import Collator, encode_rows, load_rows, num_labels
 from lrft.evaluate import evaluate_model
 from lrft.methods import get_method
+from lrft.methods.base import ApplyContext
 from lrft.models import count_parameters, load_model, load_tokenizer
 from lrft.progress import TrainProgress
 
 PACKAGES = ("lrft", "torch", "transformers", "accelerate", "datasets", "hydra-core", "bitsandbytes", "peft")
-
-
-def build_optimizer(groups: list[dict[str, Any]], ocfg: Any) -> torch.optim.Optimizer:
-    if ocfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum)
-    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any, total: int) -> Any:
@@ -104,21 +100,33 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     eval_ex = encode_rows(load_rows(cfg.dataset, "eval"), cfg.dataset, task, tokenizer)
 
     model = load_model(cfg.model, num_labels=num_labels(cfg.dataset))
+    if cfg.model.name_or_path is None and main:
+        # a random-init base exists nowhere else: keep it, so the run can be reloaded and merged
+        model.save_pretrained(run_dir / "base")
+        tokenizer.save_pretrained(run_dir / "base")
     method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
     defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
-    model = method.apply(model, defaults)
+    collate = Collator(tokenizer, task)
+    gen = torch.Generator().manual_seed(t.seed)
+    loader = DataLoader(train_ex, batch_size=t.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+
+    def calibration() -> Iterator[dict[str, Any]]:
+        device = next(model.parameters()).device
+        for batch in DataLoader(train_ex, batch_size=t.batch_size, shuffle=False, collate_fn=collate):
+            batch.pop("refs", None)
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    ctx = ApplyContext(calibration=calibration, accelerator=accelerator)
+    model = method.apply(model, defaults, ctx)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training: it only costs memory
     n_train, n_total = count_parameters(model)
 
-    collate = Collator(tokenizer, task)
-    gen = torch.Generator().manual_seed(t.seed)
-    loader = DataLoader(train_ex, batch_size=t.batch_size, shuffle=True, collate_fn=collate, generator=gen)
     steps_per_epoch = max(1, len(loader) // t.grad_accum)
     total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(steps_per_epoch * t.epochs))
-    optimizer = build_optimizer(method.param_groups(model, cfg.optimizer.weight_decay), cfg.optimizer)
+    optimizer = method.build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, t, total)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if t.report_to:

@@ -231,3 +231,17 @@ def test_sweep_makes_one_run_folder_per_job(tmp_path):
     assert len(jobs) == 2 and "lora_fa" in jobs[1]
     for job in jobs:
         assert (tmp_path / "sweep" / job / "final" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("method", ["lora_fa", "full"])
+def test_a_finished_run_reloads_with_the_same_outputs(tmp_path, method):
+    from lrft.checkpoint import load_run
+
+    _, result = run(
+        tmp_path, [*overrides_for("tiny_roberta", tmp_path), "trainer.max_steps=3", f"method={method}"]
+    )
+    loaded = load_run(tmp_path / "run")
+    ids = torch.tensor([[1, 77, 88, 225, 91, 69, 87, 2]])
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, result.model(input_ids=ids).logits)

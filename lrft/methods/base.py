@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,22 @@ from lrft.errors import UserError
 
 # Layers adapted by "all-linear": every nn.Linear except the output heads, as PEFT does.
 OUTPUT_HEADS = ("lm_head", "classifier", "score", "out_proj", "qa_outputs")
+
+
+@dataclass
+class ApplyContext:
+    """What a method may use while it transforms a model.
+
+    calibration: yields training batches (dicts of tensors on the model's device) for data-aware
+        inits such as LoRA-GA's gradient estimate; None when no data is at hand.
+    restoring: the model is being rebuilt to load a saved trainable state right after; skip
+        expensive or data-dependent inits (SVD, gradient estimates): ``load_trainable`` follows.
+    accelerator: the run's ``accelerate.Accelerator`` (rank, world size, all-reduce), or None.
+    """
+
+    calibration: Callable[[], Iterator[dict[str, Any]]] | None = None
+    restoring: bool = False
+    accelerator: Any = None
 
 
 @dataclass
@@ -41,11 +58,19 @@ class Method(abc.ABC):
         """Refuse impossible combinations with other config groups (before any work)."""
 
     @abc.abstractmethod
-    def apply(self, model: nn.Module, defaults: dict[str, list[str]] | None = None) -> nn.Module:
+    def apply(
+        self, model: nn.Module, defaults: dict[str, list[str]] | None = None, ctx: ApplyContext | None = None
+    ) -> nn.Module:
         """Transform ``model`` in place for training and return it.
 
         ``defaults`` gives the model's default ``target_modules`` and ``modules_to_save``.
         """
+
+    def build_optimizer(self, model: nn.Module, ocfg: Any) -> torch.optim.Optimizer:
+        """The optimizer over this method's trainable parameters (GaLore overrides it)."""
+        from lrft.optim import build_optimizer
+
+        return build_optimizer(self.param_groups(model, ocfg.weight_decay), ocfg)
 
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold to rebuild the trained model on top of the base."""

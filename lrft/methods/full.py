@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lrft.methods.base import Method, MethodConfig
+from lrft.methods.base import ApplyContext, Method, MethodConfig
 from lrft.methods.registry import register_method
 
 
@@ -19,6 +19,8 @@ class FullConfig(MethodConfig):
 class Full(Method):
     full_weights = True  # the run saves a whole model, not an adapter
 
-    def apply(self, model: nn.Module, defaults: dict[str, list[str]] | None = None) -> nn.Module:
+    def apply(
+        self, model: nn.Module, defaults: dict[str, list[str]] | None = None, ctx: ApplyContext | None = None
+    ) -> nn.Module:
         model.requires_grad_(True)
         return model

@@ -14,6 +14,7 @@ from torch import nn
 
 from lrft.errors import UserError
 from lrft.methods.base import (
+    ApplyContext,
     Method,
     MethodConfig,
     find_targets,
@@ -48,7 +49,9 @@ class Lora(Method):
         if not 0.0 <= m.dropout < 1.0:
             raise UserError(f"method.dropout must be in [0, 1), got {m.dropout}.")
 
-    def apply(self, model: nn.Module, defaults: dict[str, list[str]] | None = None) -> nn.Module:
+    def apply(
+        self, model: nn.Module, defaults: dict[str, list[str]] | None = None, ctx: ApplyContext | None = None
+    ) -> nn.Module:
         defaults = defaults or {}
         c = self.cfg
         targets = list(c.target_modules or defaults.get("target_modules") or ["all-linear"])
