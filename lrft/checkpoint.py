@@ -122,7 +122,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(final)
-    model = load_model(model_cfg, num_labels=num_labels(cfg.dataset))
+    model = load_model(model_cfg, num_labels=num_labels(cfg.dataset), qcfg=cfg.quantization)
     if not getattr(method, "full_weights", False):
         defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
         model = method.apply(model, defaults, ApplyContext(restoring=True))

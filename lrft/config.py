@@ -188,7 +188,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = list(overrides or [])
-    check_overrides(overrides)
+    check_overrides(overrides)  # group options; unknown keys are caught by Hydra's struct mode below
     register_schemas()
     GlobalHydra.instance().clear()
     try:
@@ -197,10 +197,11 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
                 config_name, overrides=[*normalize_overrides(overrides), searchpath_override()]
             )
     except Exception as err:  # Hydra/OmegaConf composition errors -> one clear message
-        raise UserError(explain_compose_error(err, overrides)) from None
+        raise UserError(explain_compose_error(err, overrides, config_name)) from None
     finally:
         GlobalHydra.instance().clear()
-    validate(cfg)
+    if config_name == "train":
+        validate(cfg)
     return cfg
 
 
@@ -223,9 +224,6 @@ def check_overrides(overrides: list[str]) -> None:
             for value in values:
                 if value not in options and value is not None:
                     raise UserError(f"Unknown option '{value}' for {top}.{did_you_mean(value, options)}")
-        elif top not in (*GROUPS, "trainer", "output_dir"):
-            valid = [*GROUPS, "trainer", "output_dir", "recipes"]
-            raise UserError(f"Unknown config key '{key}'.{did_you_mean(top, valid)}")
 
 
 def _override_values(ov: Any) -> list[Any]:
@@ -239,7 +237,7 @@ _KEY_RE = re.compile(r"Key '([^']+)' is not in struct")
 _OVERRIDE_RE = re.compile(r"Could not override '([^']+)'")
 
 
-def explain_compose_error(err: Exception, overrides: list[str]) -> str:
+def explain_compose_error(err: Exception, overrides: list[str], config_name: str = "train") -> str:
     """Turn a Hydra/OmegaConf composition error into a message with did-you-mean names."""
     text = str(err)
     cause = err.__cause__ or err.__context__
@@ -249,14 +247,14 @@ def explain_compose_error(err: Exception, overrides: list[str]) -> str:
     if key_match or bad:
         dotted = key_match.group(1) if key_match else bad.group(1)
         parent, _, leaf = dotted.rpartition(".")
-        valid = _keys_of(parent, overrides)
+        valid = _keys_of(parent, overrides, config_name)
         hint = did_you_mean(leaf, valid) if valid else ""
         return f"Unknown config key '{dotted}'.{hint}"
     detail = str(cause).split("\n")[0] if cause else ""
     return f"Invalid configuration: {text.strip().splitlines()[0]}" + (f" ({detail})" if detail else "")
 
 
-def _keys_of(parent: str, overrides: list[str]) -> list[str]:
+def _keys_of(parent: str, overrides: list[str], config_name: str) -> list[str]:
     """The keys that exist under ``parent`` once the group choices among ``overrides`` apply."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -266,7 +264,7 @@ def _keys_of(parent: str, overrides: list[str]) -> list[str]:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose("train", overrides=[*groups_only, searchpath_override()])
+            cfg = hydra_compose(config_name, overrides=[*groups_only, searchpath_override()])
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return list(node.keys()) if isinstance(node, DictConfig) else []
     except Exception:

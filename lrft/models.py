@@ -98,9 +98,7 @@ def load_tokenizer(mcfg: Any) -> Any:
     return tok
 
 
-def load_model(
-    mcfg: Any, num_labels: int | None = None, quantization: dict[str, Any] | None = None
-) -> nn.Module:
+def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn.Module:
     """Build the model for ``mcfg.task``: ``from_pretrained`` when ``name_or_path`` is set,
     else random init from ``from_config`` (the offline tiny models)."""
     from transformers import AutoConfig
@@ -118,7 +116,10 @@ def load_model(
             load_kw["device_map"] = mcfg.device_map
         if mcfg.attn_implementation:
             load_kw["attn_implementation"] = mcfg.attn_implementation
-        load_kw.update(quantization or {})
+        if qcfg is not None and qcfg.name != "none":
+            from lrft.quantization import from_pretrained_kwargs  # bitsandbytes, issue #3
+
+            load_kw.update(from_pretrained_kwargs(qcfg, mcfg))
         try:
             return auto.from_pretrained(mcfg.name_or_path, **load_kw)
         except OSError as err:

@@ -99,7 +99,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     train_ex = encode_rows(load_rows(cfg.dataset, "train"), cfg.dataset, task, tokenizer)
     eval_ex = encode_rows(load_rows(cfg.dataset, "eval"), cfg.dataset, task, tokenizer)
 
-    model = load_model(cfg.model, num_labels=num_labels(cfg.dataset))
+    model = load_model(cfg.model, num_labels=num_labels(cfg.dataset), qcfg=cfg.quantization)
     if cfg.model.name_or_path is None and main:
         # a random-init base exists nowhere else: keep it, so the run can be reloaded and merged
         model.save_pretrained(run_dir / "base")
