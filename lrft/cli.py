@@ -10,7 +10,7 @@ from itertools import islice, product
 from rich.console import Console
 from rich.table import Table
 
-from lrft.errors import EXIT_USAGE, UserError, did_you_mean
+from lrft.errors import EXIT_USAGE, Interrupted, UserError, did_you_mean
 
 console = Console(stderr=True)
 out = Console()
@@ -133,6 +133,9 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
         except UserError as err:
             console.print(f"[bold red]error:[/] {err}", highlight=False)
             sys.exit(EXIT_USAGE)
+        except Interrupted as stop:
+            console.print(f"[bold yellow]{stop}[/]", highlight=False)
+            sys.exit(130)
 
     saved = sys.argv
     # flags first: Hydra's parser wants the overrides in one contiguous run

@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from lrft.errors import UserError, closest, did_you_mean
 
 TASKS = ("causal", "classification", "seq2seq")
-DATASET_KINDS = ("glue", "instruction")
+DATASET_KINDS = ("glue", "instruction", "mmlu")  # mmlu: evaluation only (not in COMPATIBLE)
 # which (model task, dataset kind) pairs make sense, and how
 COMPATIBLE = {
     ("classification", "glue"): "classification head on the GLUE label",
@@ -67,12 +67,13 @@ class OptimizerConfig:
 class DataFiles:
     train: str | None = None
     validation: str | None = None
+    validation_mismatched: str | None = None  # MNLI's second eval split, for `lrft eval`
 
 
 @dataclass
 class DatasetConfig:
     name: str = MISSING
-    kind: str = MISSING  # glue | instruction
+    kind: str = MISSING  # glue | instruction | mmlu
     path: str | None = None  # hub id for datasets.load_dataset
     subset: str | None = None  # hub config name (the GLUE task)
     data_files: DataFiles = field(default_factory=DataFiles)  # local files win over the hub
@@ -82,6 +83,9 @@ class DatasetConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     prompt_template: str = "alpaca"  # instruction data: alpaca | plain
+    shots: int = 5  # mmlu: k-shot examples from the dev split
+    data_dir: str | None = None  # mmlu: local folder of Hendrycks CSVs (dev/, val/, test/)
+    subjects: list[str] | None = None  # mmlu: null = every subject
 
 
 @dataclass
@@ -105,6 +109,10 @@ class TrainerConfig:
     report_to: str | None = None  # tensorboard
     keep_checkpoints: int = 2
     progress: bool = True
+    resume: str | None = None  # auto: newest intact checkpoint in output_dir; or a checkpoint path
+    on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    save_on_interrupt: bool = True  # Ctrl-C / SIGTERM save a checkpoint before exiting
+    untrained_warn_steps: int = 20  # warn if zero-initialised adapters (B) are still zero by then
 
 
 @dataclass
@@ -287,6 +295,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
     _one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
+    _one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
     if m.name_or_path is None and m.from_config is None:
         raise UserError(f"model '{m.name}' has neither name_or_path nor from_config: set model.name_or_path.")
     if (m.task, d.kind) not in COMPATIBLE:

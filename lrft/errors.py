@@ -12,6 +12,10 @@ class UserError(Exception):
     """Bad input from the user (config, data file, combination). The CLI prints it and exits 2."""
 
 
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C or SIGTERM after saving what it could (exit code 130)."""
+
+
 def closest(word: str, options: Iterable[str], n: int = 3) -> list[str]:
     """The valid names nearest to ``word``, best first (may be empty)."""
     options = sorted(set(options))

@@ -1,0 +1,257 @@
+"""Training checkpoints that resume exactly: ``run_dir/checkpoints/step-N/``.
+
+A checkpoint holds the trainable state (never the frozen base), optimizer and scheduler state, the
+step, the epoch and the position inside it, the sampler seed and every RNG state (python, numpy,
+torch, CUDA; one file per rank). It is written to a temporary folder, flushed, renamed, and marked
+complete last with a manifest of sha256 sums; resume ignores folders without the mark and falls
+back past files whose sums no longer match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lrft import faults
+from lrft.checkpoint import COMPLETE, TRAINABLE, load_state, method_config, save_state
+from lrft.errors import UserError
+
+OPTIM = "optim.pt"
+STATE = "state.json"
+
+
+@dataclass
+class Position:
+    """Where the loop stands after ``step`` optimizer steps."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
+    world_size: int = 1
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    pos, has_gauss, gauss = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _state_bytes(tensors: Any) -> int:
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, dict):
+        return sum(_state_bytes(v) for v in tensors.values())
+    if isinstance(tensors, list | tuple):
+        return sum(_state_bytes(v) for v in tensors)
+    return 0
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """What must match for a checkpoint to continue a run."""
+    return {
+        "method": dict(cfg.method),
+        "model": {"name": cfg.model.name, "name_or_path": cfg.model.name_or_path},
+        "dataset": cfg.dataset.name,
+        "quantization": cfg.quantization.name,
+    }
+
+
+def save_checkpoint(
+    accelerator: Any,
+    run_dir: Path,
+    pos: Position,
+    rng: dict[str, Any],
+    cfg: DictConfig,
+    method: Any,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+) -> Path | None:
+    """Write ``checkpoints/step-N`` atomically (every rank calls this; rank files are per rank)."""
+    final = run_dir / "checkpoints" / f"step-{pos.step:08d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    trainable = method.trainable_state_dict(model)
+    if accelerator.is_main_process:
+        need = 3 * _state_bytes(trainable) + _state_bytes(optimizer.state_dict()) + (16 << 20)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        have = free_bytes(final.parent)
+        if have < need:
+            raise UserError(
+                f"Not enough disk space for checkpoint step {pos.step} in {final.parent}: about "
+                f"{need / 2**20:.0f} MiB needed, {have / 2**20:.0f} MiB free. Nothing was written; the "
+                "previous checkpoints are intact. Free space, or set trainer.save_every=0."
+            )
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while saving
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return None
+    save_state(trainable, tmp / TRAINABLE)
+    faults.maybe("kill_in_save", pos.step)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIM)
+    meta = {"position": asdict(pos), "identity": identity(cfg), "method": method_config(method)}
+    (tmp / STATE).write_text(json.dumps(meta, indent=2))
+    _verify_shapes(tmp / TRAINABLE, trainable)
+    manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    for f in tmp.iterdir():  # contents on disk before the rename makes them visible
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    (final / COMPLETE).write_text(json.dumps(manifest, indent=1))  # the mark comes last
+    keep = cfg.trainer.keep_checkpoints
+    done = complete_checkpoints(run_dir)
+    for old in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _verify_shapes(path: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Never leave an empty or truncated adapter behind (sharded models can gather to nothing)."""
+    got = load_state(path)
+    bad = [k for k, v in expected.items() if k not in got or got[k].shape != v.shape or v.numel() == 0]
+    if bad:
+        raise RuntimeError(f"checkpoint {path} lost or emptied tensors: {bad[:5]}")
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file()) if root.is_dir() else []
+
+
+def _intact(ckpt: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    try:
+        manifest = json.loads((ckpt / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return "its completion mark is unreadable"
+    for name, digest in manifest.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if _sha256(f) != digest:
+            return f"{name} is corrupt (checksum mismatch)"
+    return None
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """``auto``: the newest intact checkpoint in ``run_dir`` (None if there is none); else a path."""
+    if resume != "auto":
+        ckpt = Path(resume)
+        if not (ckpt / COMPLETE).is_file():
+            raise UserError(
+                f"trainer.resume={resume}: not a complete checkpoint folder (no {COMPLETE} mark)."
+            )
+        problem = _intact(ckpt)
+        if problem:
+            raise UserError(f"trainer.resume={resume}: cannot resume, {problem}.")
+        return ckpt
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    for stale in (run_dir / "checkpoints").glob(".tmp-*"):
+        warnings.warn(
+            f"ignoring unfinished checkpoint {stale} (the process stopped while saving it)", stacklevel=2
+        )
+        shutil.rmtree(stale, ignore_errors=True)
+    done = complete_checkpoints(run_dir)
+    for unmarked in sorted(set((run_dir / "checkpoints").glob("step-*")) - set(done)):
+        warnings.warn(
+            f"ignoring checkpoint {unmarked}: it has no completion mark (stopped while saving)", stacklevel=2
+        )
+    for ckpt in reversed(done):
+        problem = _intact(ckpt)
+        if problem is None:
+            return ckpt
+        warnings.warn(f"skipping checkpoint {ckpt}: {problem}; trying an older one", stacklevel=2)
+    return None
+
+
+def load_checkpoint(
+    ckpt: Path,
+    accelerator: Any,
+    cfg: DictConfig,
+    method: Any,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+) -> tuple[Position, dict[str, Any]]:
+    """Load a checkpoint into the run's objects; returns the position and this rank's RNG state."""
+    meta = json.loads((ckpt / STATE).read_text())
+    mine, theirs = identity(cfg), meta["identity"]
+    diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
+    if diff:
+        raise UserError(f"Cannot resume from {ckpt}: the run differs.\n  " + "\n  ".join(diff))
+    pos = Position(**meta["position"])
+    if pos.world_size != accelerator.num_processes:
+        warnings.warn(
+            f"resuming a {pos.world_size}-process run with {accelerator.num_processes} processes: the "
+            "global batch and the data order change from here on, so the run is no longer bit-identical "
+            "to an uninterrupted one (the weights, optimizer and step carry over).",
+            stacklevel=2,
+        )
+    method.load_trainable(model, load_state(ckpt / TRAINABLE))
+    try:
+        state = torch.load(ckpt / OPTIM, weights_only=True, map_location="cpu")
+    except Exception as err:
+        raise UserError(f"Cannot read {ckpt / OPTIM}: {err}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rank_file = ckpt / f"rng_rank{accelerator.process_index}.pt"
+    if not rank_file.is_file():
+        rank_file = ckpt / "rng_rank0.pt"
+    rng = torch.load(rank_file, weights_only=True)
+    return pos, rng
+
+
+def truncate_metrics(metrics_file: Path, step: int) -> None:
+    """Drop records past the resumed step: they are about to be produced again."""
+    if not metrics_file.is_file():
+        return
+    keep = [line for line in metrics_file.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    metrics_file.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,224 @@
+"""Training that survives: exact resume after SIGKILL, atomic checkpoints, guards.
+
+Fault cases covered here (each must lose nothing): kill after a step, kill in the middle of a save,
+Ctrl-C, a corrupted checkpoint file, a full disk, a NaN loss (stop and skip).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lrft.cli import main
+from lrft.config import compose
+from lrft.errors import UserError
+from lrft.guards import UntrainedWatch, check_gradients
+from lrft.methods import METHODS
+from lrft.train import train
+
+# 40 rows, batch 4, grad_accum 2: 5 optimizer steps per epoch; checkpoints every 3 steps, so the
+# step-6 checkpoint sits mid-epoch and step 12 ends past two epochs.
+BASE = ["trainer.max_steps=12", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.save_every=3",
+        "trainer.log_every=1", "trainer.eval_every=0", "trainer.keep_checkpoints=2", "trainer.progress=false",
+        "method.dropout=0.1", "optimizer.lr=5e-3", "trainer.warmup_ratio=0.1"]  # fmt: skip
+RESUMABLE = ["lora_fa", "lora", "dora", "galore"]
+
+
+def data(tmp: Path) -> list[str]:
+    path = tmp / "inst.jsonl"
+    with path.open("w") as fh:
+        for i in range(40):
+            word = ["cat", "dog", "sun", "map", "tree"][i % 5] + "s" * (i % 3)
+            fh.write(json.dumps({"instruction": "Upper case.", "input": word, "output": word.upper()}) + "\n")
+    return [f"dataset.data_files.train={path}", f"dataset.data_files.validation={path}"]
+
+
+def overrides(tmp: Path, method: str, out: Path, *extra: str) -> list[str]:
+    return [f"method={method}", *BASE, *data(tmp), f"output_dir={out}", *extra]
+
+
+def reference(tmp: Path, method: str):
+    out = tmp / "ref"
+    result = train(compose(overrides(tmp, method, out)), out)
+    return losses(out), load_file(out / "final" / "trainable.safetensors"), result
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LRFT_FAULT=fault or "")
+    return subprocess.run([sys.executable, "-m", "lrft", "train", *args], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def resume(tmp: Path, method: str, out: Path, *extra: str):
+    return train(compose(overrides(tmp, method, out, "trainer.resume=auto", *extra)), out)
+
+
+def assert_same_run(out: Path, ref_losses, ref_state) -> None:
+    assert losses(out) == ref_losses  # every step's loss, exactly
+    state = load_file(out / "final" / "trainable.safetensors")
+    assert state.keys() == ref_state.keys()
+    for key, value in ref_state.items():
+        assert torch.equal(state[key], value), f"{key} differs after resume"
+
+
+def needs(method: str):
+    return pytest.mark.skipif(method not in METHODS, reason=f"method {method} is not registered yet")
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=needs(m)) for m in RESUMABLE])
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, method):
+    ref_losses, ref_state, _ = reference(tmp_path, method)
+    out = tmp_path / "killed"
+    proc = cli(overrides(tmp_path, method, out), fault="kill_at_step:7")
+    assert proc.returncode == -9, proc.stderr[-1500:]
+    assert not (out / "final").exists()
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000003", "step-00000006"]
+    resume(tmp_path, method, out)
+    assert_same_run(out, ref_losses, ref_state)
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    ref_losses, ref_state, _ = reference(tmp_path, "lora_fa")
+    out = tmp_path / "killed"
+    proc = cli(overrides(tmp_path, "lora_fa", out), fault="kill_in_save:6")
+    assert proc.returncode == -9
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [".tmp-step-00000006", "step-00000003"]  # the half-written one is not marked
+    with pytest.warns(UserWarning, match="unfinished checkpoint"):
+        resume(tmp_path, "lora_fa", out)
+    assert_same_run(out, ref_losses, ref_state)
+
+
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path):
+    ref_losses, ref_state, _ = reference(tmp_path, "lora_fa")
+    out = tmp_path / "stopped"
+    proc = cli(overrides(tmp_path, "lora_fa", out), fault="interrupt_at_step:5")
+    assert proc.returncode == 130, proc.stderr[-1500:]
+    assert "interrupted at step 5" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "checkpoints" / "step-00000005" / "COMPLETE").exists()
+    resume(tmp_path, "lora_fa", out)
+    assert_same_run(out, ref_losses, ref_state)
+
+
+def test_corrupt_checkpoint_falls_back_or_fails_clearly(tmp_path, capsys):
+    ref_losses, ref_state, _ = reference(tmp_path, "lora_fa")
+    out = tmp_path / "ref"
+    newest = out / "checkpoints" / "step-00000009"
+    blob = bytearray((newest / "trainable.safetensors").read_bytes())
+    blob[-8:] = b"\x00" * 8
+    (newest / "trainable.safetensors").write_bytes(bytes(blob))
+    code = main(["train", *overrides(tmp_path, "lora_fa", out, f"trainer.resume={newest}")])
+    assert code == 2 and "corrupt" in capsys.readouterr().err
+    (out / "metrics.jsonl").write_text("")  # the fallback replays steps 7..12 from step 6
+    with pytest.warns(UserWarning, match="corrupt"):
+        resume(tmp_path, "lora_fa", out)
+    assert losses(out) == ref_losses[6:]
+    state = load_file(out / "final" / "trainable.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in ref_state.items())
+
+
+def test_disk_full_stops_before_writing_and_loses_nothing(tmp_path, monkeypatch):
+    ref_losses, ref_state, _ = reference(tmp_path, "lora_fa")
+    import lrft.resume
+
+    calls = {"n": 0}
+    real = lrft.resume.free_bytes
+
+    def full_after_first(path):
+        calls["n"] += 1
+        return real(path) if calls["n"] == 1 else 1024
+
+    monkeypatch.setattr(lrft.resume, "free_bytes", full_after_first)
+    out = tmp_path / "full"
+    with pytest.raises(UserError, match="Not enough disk space for checkpoint step 6"):
+        train(compose(overrides(tmp_path, "lora_fa", out)), out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
+    monkeypatch.setattr(lrft.resume, "free_bytes", real)
+    resume(tmp_path, "lora_fa", out)
+    assert_same_run(out, ref_losses, ref_state)
+
+
+@pytest.fixture
+def nan_at_micro_batch(monkeypatch):
+    """The 9th forward (step 5's first micro-batch) returns a NaN loss."""
+    import lrft.train
+
+    real = lrft.train.load_model
+
+    def load(*args, **kwargs):
+        model = real(*args, **kwargs)
+        forward, calls = model.forward, {"n": 0}
+
+        def poisoned(*a, **kw):
+            out = forward(*a, **kw)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] == 9:
+                    out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(lrft.train, "load_model", load)
+
+
+def test_nan_loss_stops_without_touching_good_checkpoints(tmp_path, nan_at_micro_batch):
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match="loss is nan at step 5"):
+        train(compose(overrides(tmp_path, "lora_fa", out)), out)
+    assert not (out / "final").exists()
+    ckpt = out / "checkpoints" / "step-00000003"
+    state = load_file(ckpt / "trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_nan_loss_skip_mode_skips_the_step(tmp_path, nan_at_micro_batch):
+    out = tmp_path / "nan"
+    result = train(compose(overrides(tmp_path, "lora_fa", out, "trainer.on_nan=skip")), out)
+    assert result.summary["skipped_steps"] == 1 and result.summary["steps"] == 12
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_resume_with_another_method_says_what_differs(tmp_path, capsys):
+    reference(tmp_path, "lora_fa")
+    code = main(["train", *overrides(tmp_path, "lora", tmp_path / "ref", "trainer.resume=auto")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Cannot resume" in err and "lora_fa" in err
+
+
+def test_checkpoints_hold_only_the_adapter(tmp_path):
+    _, _, result = reference(tmp_path, "lora")
+    ckpt = tmp_path / "ref" / "checkpoints" / "step-00000009" / "trainable.safetensors"
+    trainable = sum(p.numel() * 4 for p in result.model.parameters() if p.requires_grad)
+    assert trainable < ckpt.stat().st_size < trainable * 1.02 + 16_384
+    base = sum(p.numel() * 4 for p in result.model.parameters())
+    assert ckpt.stat().st_size < base / 5
+
+
+def test_gradient_guard_lists_parameters_without_gradients():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    net(torch.randn(2, 4)).sum().backward()
+    unused = torch.nn.Linear(4, 4)
+    holder = torch.nn.ModuleDict({"used": net, "unused": unused})
+    with pytest.raises(UserError, match=r"received no gradient.*unused\.weight"):
+        check_gradients(holder)
+
+
+def test_untrained_adapter_warning():
+    layer = torch.nn.Linear(4, 4)
+    torch.nn.init.zeros_(layer.weight)
+    watch = UntrainedWatch(layer, after_steps=3)
+    watch.check(2)
+    with pytest.warns(UserWarning, match="still exactly zero after 3 steps"):
+        watch.check(3)
