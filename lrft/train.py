@@ -188,7 +188,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     scheduler = build_scheduler(optimizer, t, total)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if t.report_to:
-        accelerator.init_trackers("lrft", config=OmegaConf.to_container(cfg, resolve=True))
+        accelerator.init_trackers("lrft", config=_flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
     metrics_file = run_dir / "metrics.jsonl"
     progress = TrainProgress(total, enabled=main and t.progress)
 
@@ -332,6 +332,17 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         progress.summary(summary)
     accelerator.end_training()
     return Run(summary, accelerator.unwrap_model(model), method)
+
+
+def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Trackers (TensorBoard hparams) take flat scalars only."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
 
 
 def _fmt(metrics: dict[str, float]) -> str:

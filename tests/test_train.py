@@ -245,3 +245,17 @@ def test_a_finished_run_reloads_with_the_same_outputs(tmp_path, method):
     result.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+def test_tensorboard_logging_through_accelerate(tmp_path):
+    pytest.importorskip("tensorboard")
+    run(
+        tmp_path,
+        [
+            *overrides_for("tiny_llama", tmp_path),
+            "trainer.max_steps=2",
+            "trainer.log_every=1",
+            "trainer.report_to=tensorboard",
+        ],
+    )
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
