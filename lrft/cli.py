@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from itertools import islice, product
@@ -139,7 +141,8 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
 
     saved = sys.argv
     # flags first: Hydra's parser wants the overrides in one contiguous run
-    sys.argv = ["lrft train", *flags, *normalize_overrides(overrides), searchpath_override()]
+    extra = [searchpath_override(), *_distributed_overrides(overrides)]
+    sys.argv = ["lrft train", *flags, *normalize_overrides(overrides), *extra]
     try:
         task()
     except SystemExit as stop:  # a job's UserError (exit 2) or Hydra's own failure (exit 1)
@@ -147,6 +150,26 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def _distributed_overrides(overrides: list[str]) -> list[str]:
+    """One run folder per launch: every process takes rank 0's timestamp; only rank 0 writes
+    Hydra's own files (.hydra/, the job log)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        os.environ["LRFT_RUN_STAMP"] = time.strftime("%Y-%m-%d_%H-%M-%S")
+        return []
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    cpu = any(o.lower() in ("trainer.cpu=true", "trainer.cpu=1") for o in overrides)
+    PartialState(cpu=cpu)  # the process group the run's Accelerator will reuse
+    stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
+    dist.broadcast_object_list(stamp, src=0)
+    os.environ["LRFT_RUN_STAMP"] = stamp[0]
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 def _later(issue: int, name: str) -> Callable[[list[str]], int]:

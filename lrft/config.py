@@ -50,12 +50,18 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    name: str = "none"
+    """Base weights stored by bitsandbytes (see lrft.quantization); the adapters stay float32."""
+
+    name: str = "none"  # none | nf4 | fp4 | int8
+    compute_dtype: str = "bfloat16"  # 4-bit matmuls dequantize to this: float32 | bfloat16 | float16
+    double_quant: bool = True  # 4-bit: quantize the block scales too (QLoRA's double quantization)
+    quant_storage: str = "uint8"  # 4-bit packing dtype (bfloat16 lets FSDP shard it with the rest)
+    int8_threshold: float = 6.0  # int8: |activation| above this goes through the fp16 outlier path
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | sgd | adamw8bit | galore_adamw | galore_adamw8bit (with method=galore)
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -172,12 +178,22 @@ def register_schemas() -> None:
     if not OmegaConf.has_resolver("bundled"):
         # ${bundled:quickstart/train.jsonl}: a data file shipped inside the package
         OmegaConf.register_new_resolver("bundled", lambda rel: str(Path(__file__).parent / "data" / rel))
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=f"schema/{group}", name="base", node=schema)
     for name, spec in METHODS.items():
         cs.store(group="schema/method", name=name, node=spec.config)
+
+
+def run_stamp() -> str:
+    """The launch's timestamp: ``LRFT_RUN_STAMP`` (set once per launch by the CLI) or now."""
+    import os
+    import time
+
+    return os.environ.get("LRFT_RUN_STAMP") or time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def group_options(group: str) -> list[str]:

@@ -277,13 +277,17 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
                     step, lr = pos.step, scheduler.get_last_lr()[0]
                     if step % t.log_every == 0 or step == total:
                         elapsed = time.perf_counter() - tick
-                        last_loss = window_loss / window_n
+                        # every rank's mean loss and token count, not only rank 0's
+                        local = [window_loss / window_n, window_tokens]
+                        stats = torch.tensor(local, device=accelerator.device)
+                        stats = accelerator.reduce(stats, "sum")
+                        last_loss = stats[0].item() / accelerator.num_processes
                         record = {
                             "step": step,
                             "epoch": round(step / steps_per_epoch, 4),
                             "loss": last_loss,
                             "lr": lr,
-                            "tokens_per_s": window_tokens / elapsed,
+                            "tokens_per_s": stats[1].item() / elapsed,
                         }
                         if skipped:
                             record["skipped_steps"] = skipped
@@ -324,6 +328,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         "trainable_params": n_train,
         "total_params": n_total,
         "skipped_steps": skipped,
+        "world_size": accelerator.num_processes,
         "run_dir": str(run_dir),
     }
     if main:

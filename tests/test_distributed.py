@@ -1,0 +1,142 @@
+"""Real multi-process training on CPU (gloo, 2 processes via torchrun), in the normal suite."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lrft.config import compose
+from lrft.methods import METHODS
+from lrft.train import train
+
+# Same-length examples (3-letter words) so every rank's mean loss covers as many tokens as the
+# single process's: then 2 x batch 2 averages to exactly what 1 x batch 4 computes.
+COMMON = [
+    "trainer.max_steps=6",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.progress=false",
+    "method.dropout=0.0",
+    "optimizer.lr=1e-2",
+    "trainer.cpu=true",
+]
+
+
+def data(tmp: Path) -> list[str]:
+    path = tmp / "inst.jsonl"
+    words = ["cat", "dog", "sun", "map", "owl", "fig", "jar", "kit"]
+    with path.open("w") as fh:
+        for i in range(32):
+            w = words[i % 8]
+            fh.write(json.dumps({"instruction": "Upper case.", "input": w, "output": w.upper()}) + "\n")
+    return [f"dataset.data_files.train={path}", f"dataset.data_files.validation={path}"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], fault: str = "") -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "lrft",
+        "train",
+        *args,
+    ]
+    env = dict(os.environ, LRFT_FAULT=fault, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "trainable.safetensors")
+
+
+@pytest.mark.parametrize("method", [m for m in ("lora_fa", "dora") if m in METHODS] or ["lora_fa"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, method):
+    """SGD keeps the comparison linear in the gradients (Adam's normalisation would amplify the
+    all-reduce's float32 rounding), so the tolerance stays at float32 level: 1e-5 relative."""
+    args = [f"method={method}", *COMMON, *data(tmp_path), "optimizer=sgd", "optimizer.lr=0.5"]
+    one = tmp_path / "one"
+    train(compose([*args, "trainer.batch_size=4", f"output_dir={one}"]), one)
+    two = tmp_path / "two"
+    proc = torchrun([*args, "trainer.batch_size=2", f"output_dir={two}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-5, atol=1e-5)
+    ref = state(one)
+    for key, value in state(two).items():
+        torch.testing.assert_close(value, ref[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_two_process_launch_writes_one_run_folder_and_resumes_exactly(tmp_path):
+    args = [
+        "method=lora_fa",
+        *COMMON,
+        *data(tmp_path),
+        "trainer.batch_size=2",
+        "trainer.save_every=2",
+        "trainer.max_steps=8",
+    ]
+    ref = tmp_path / "ref"
+    proc = torchrun([*args, f"output_dir={ref}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / "cwd").mkdir()
+    killed = tmp_path / "killed"
+    proc = torchrun([*args, f"output_dir={killed}"], fault="kill_at_step:5")
+    assert proc.returncode != 0
+    assert (killed / "checkpoints" / "step-00000004" / "rng_rank1.pt").exists()
+    proc = torchrun([*args, f"output_dir={killed}", "trainer.resume=auto"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(killed) == losses(ref)
+    ref_state = state(ref)
+    for key, value in state(killed).items():
+        assert torch.equal(value, ref_state[key]), key
+
+
+def test_default_run_folder_is_shared_by_all_ranks(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "lrft",
+            "train",
+            *COMMON,
+            *data(tmp_path),
+            "trainer.max_steps=1",
+            "trainer.batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "final" / "COMPLETE").exists() and (run_dir / ".hydra").is_dir()
