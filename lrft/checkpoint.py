@@ -74,14 +74,24 @@ def save_checkpoint(
     return final
 
 
-def save_final(run_dir: Path, method: Any, model: nn.Module, tokenizer: Any, cfg: DictConfig) -> Path:
-    """``run_dir/final``: the trainable state (full model for methods that train every weight)."""
+def save_final(
+    run_dir: Path,
+    method: Any,
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: DictConfig,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """``run_dir/final``: the trainable state (full model for methods that train every weight).
+
+    ``state``: the trainable state already gathered from sharded ranks (FSDP, ZeRO-3)."""
     final = run_dir / "final"
     tmp = _atomic_dir(final)
+    state = state if state is not None else method.trainable_state_dict(model)
     if getattr(method, "full_weights", False):
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     else:
-        save_state(method.trainable_state_dict(model), tmp / TRAINABLE)
+        save_state(state, tmp / TRAINABLE)
     tokenizer.save_pretrained(tmp)
     meta = {"method": method_config(method), "model": OmegaConf.to_container(cfg.model, resolve=True)}
     (tmp / "lrft.json").write_text(json.dumps(meta, indent=2))

@@ -111,7 +111,7 @@ def save_checkpoint(
     """Write ``checkpoints/step-N`` atomically (every rank calls this; rank files are per rank)."""
     final = run_dir / "checkpoints" / f"step-{pos.step:08d}"
     tmp = final.with_name(f".tmp-{final.name}")
-    trainable = method.trainable_state_dict(model)
+    trainable = gather_trainable(accelerator, model, method)
     if accelerator.is_main_process:
         need = 3 * _state_bytes(trainable) + _state_bytes(optimizer.state_dict()) + (16 << 20)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +150,17 @@ def save_checkpoint(
         shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def gather_trainable(accelerator: Any, model: nn.Module, method: Any) -> dict[str, torch.Tensor]:
+    """The method's trainable state as full tensors. Under FSDP / DeepSpeed ZeRO-3 each rank holds
+    a shard, so the state is gathered (a collective: every rank calls this) onto rank 0."""
+    unwrapped = accelerator.unwrap_model(model)
+    local = method.trainable_state_dict(unwrapped)
+    if accelerator.distributed_type.value not in ("FSDP", "DEEPSPEED"):
+        return local
+    full = accelerator.get_state_dict(model)
+    return {k: full[k] for k in local if k in full} if accelerator.is_main_process else {}
 
 
 def _verify_shapes(path: Path, expected: dict[str, torch.Tensor]) -> None:

@@ -38,6 +38,7 @@ from lrft.resume import (
     Position,
     capture_rng,
     find_checkpoint,
+    gather_trainable,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -224,8 +225,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         return metrics
 
     def checkpoint(at: Position, rng: dict[str, Any]) -> str:
-        unwrapped = accelerator.unwrap_model(model)
-        path = save_checkpoint(accelerator, run_dir, at, rng, cfg, method, unwrapped, optimizer, scheduler)
+        path = save_checkpoint(accelerator, run_dir, at, rng, cfg, method, model, optimizer, scheduler)
         return str(path)
 
     progress.note(f"{method.name} on {cfg.model.name}: {n_train:,} of {n_total:,} parameters train")
@@ -321,6 +321,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     if eval_ex:
         eval_metrics = run_eval(pos.step)
     accelerator.wait_for_everyone()
+    final_state = gather_trainable(accelerator, model, method)  # collective under FSDP / ZeRO-3
     summary = {
         "steps": pos.step,
         "train_loss": last_loss,
@@ -332,7 +333,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         "run_dir": str(run_dir),
     }
     if main:
-        save_final(run_dir, method, accelerator.unwrap_model(model), tokenizer, cfg)
+        save_final(run_dir, method, accelerator.unwrap_model(model), tokenizer, cfg, final_state)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         progress.summary(summary)
     accelerator.end_training()
