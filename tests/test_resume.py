@@ -25,7 +25,7 @@ from lrft.train import train
 # step-6 checkpoint sits mid-epoch and step 12 ends past two epochs.
 BASE = ["trainer.max_steps=12", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.save_every=3",
         "trainer.log_every=1", "trainer.eval_every=0", "trainer.keep_checkpoints=2", "trainer.progress=false",
-        "method.dropout=0.1", "optimizer.lr=5e-3", "trainer.warmup_ratio=0.1"]  # fmt: skip
+        "optimizer.lr=5e-3", "trainer.warmup_ratio=0.1"]  # fmt: skip
 RESUMABLE = ["lora_fa", "lora", "dora", "galore"]
 
 
@@ -39,13 +39,23 @@ def data(tmp: Path) -> list[str]:
 
 
 def overrides(tmp: Path, method: str, out: Path, *extra: str) -> list[str]:
-    return [f"method={method}", *BASE, *data(tmp), f"output_dir={out}", *extra]
+    from dataclasses import fields
+
+    # dropout on where the method has it: resume must regenerate the same masks
+    dropout = ["method.dropout=0.1"] if "dropout" in {f.name for f in fields(METHODS[method].config)} else []
+    return [f"method={method}", *BASE, *dropout, *data(tmp), f"output_dir={out}", *extra]
 
 
 def reference(tmp: Path, method: str):
     out = tmp / "ref"
     result = train(compose(overrides(tmp, method, out)), out)
-    return losses(out), load_file(out / "final" / "trainable.safetensors"), result
+    return losses(out), final_state(out), result
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The adapter, or for methods that train every weight (GaLore, full) the saved model."""
+    adapter = run_dir / "final" / "trainable.safetensors"
+    return load_file(adapter if adapter.exists() else run_dir / "final" / "model.safetensors")
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -65,7 +75,7 @@ def resume(tmp: Path, method: str, out: Path, *extra: str):
 
 def assert_same_run(out: Path, ref_losses, ref_state) -> None:
     assert losses(out) == ref_losses  # every step's loss, exactly
-    state = load_file(out / "final" / "trainable.safetensors")
+    state = final_state(out)
     assert state.keys() == ref_state.keys()
     for key, value in ref_state.items():
         assert torch.equal(state[key], value), f"{key} differs after resume"
