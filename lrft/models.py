@@ -116,17 +116,23 @@ def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn
             load_kw["device_map"] = mcfg.device_map
         if mcfg.attn_implementation:
             load_kw["attn_implementation"] = mcfg.attn_implementation
-        if qcfg is not None and qcfg.name != "none":
-            from lrft.quantization import from_pretrained_kwargs  # bitsandbytes, issue #3
+        quantized = qcfg is not None and qcfg.name != "none"
+        if quantized:
+            from lrft.quantization import from_pretrained_kwargs
 
             load_kw.update(from_pretrained_kwargs(qcfg, mcfg))
         try:
-            return auto.from_pretrained(mcfg.name_or_path, **load_kw)
+            model = auto.from_pretrained(mcfg.name_or_path, **load_kw)
         except OSError as err:
             raise UserError(
                 f"Cannot load model '{mcfg.name_or_path}': {err}\n"
                 "Offline? Point model.name_or_path at a local folder, or use a tiny_* model."
             ) from None
+        if quantized:
+            from lrft.quantization import finish_pretrained
+
+            finish_pretrained(model, mcfg)
+        return model
     if not mcfg.arch:
         raise UserError(f"model '{mcfg.name}' builds from_config and needs model.arch (llama, roberta, t5).")
     config = AutoConfig.for_model(mcfg.arch, **dict(mcfg.from_config), **kw)
@@ -135,7 +141,17 @@ def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn
     model = auto.from_config(config)
     if mcfg.dtype not in ("float32", "auto"):
         model = model.to(_DTYPES[mcfg.dtype])
-    return model
+    return quantize(model, mcfg, qcfg)
+
+
+def quantize(model: nn.Module, mcfg: Any, qcfg: Any) -> nn.Module:
+    """Quantize a model built in memory (the random-init tiny ones) as ``qcfg`` says; no-op for none."""
+    if qcfg is None or qcfg.name == "none":
+        return model
+    from lrft.quantization import quantize_built
+
+    dtype = _DTYPES.get(mcfg.dtype, torch.float32)
+    return quantize_built(model, _auto_class(mcfg.task), qcfg, mcfg, dtype)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

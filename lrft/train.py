@@ -32,7 +32,7 @@ from lrft.evaluate import evaluate_model
 from lrft.guards import UntrainedWatch, check_gradients, nan_message
 from lrft.methods import get_method
 from lrft.methods.base import ApplyContext
-from lrft.models import count_parameters, load_model, load_tokenizer
+from lrft.models import count_parameters, load_model, load_tokenizer, quantize
 from lrft.progress import TrainProgress
 from lrft.resume import (
     Position,
@@ -154,11 +154,13 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     train_ex = encode_rows(load_rows(cfg.dataset, "train"), cfg.dataset, task, tokenizer)
     eval_ex = encode_rows(load_rows(cfg.dataset, "eval"), cfg.dataset, task, tokenizer)
 
-    model = load_model(cfg.model, num_labels=num_labels(cfg.dataset), qcfg=cfg.quantization)
-    if cfg.model.name_or_path is None and main:
-        # a random-init base exists nowhere else: keep it, so the run can be reloaded and merged
-        model.save_pretrained(run_dir / "base")
-        tokenizer.save_pretrained(run_dir / "base")
+    random_init = cfg.model.name_or_path is None
+    model = load_model(cfg.model, num_labels(cfg.dataset), qcfg=None if random_init else cfg.quantization)
+    if random_init:
+        if main:  # the base exists nowhere else: keep it in full precision, to reload and merge the run
+            model.save_pretrained(run_dir / "base")
+            tokenizer.save_pretrained(run_dir / "base")
+        model = quantize(model, cfg.model, cfg.quantization)
     method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
     defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
     collate = Collator(tokenizer, task)
@@ -229,6 +231,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         return str(path)
 
     progress.note(f"{method.name} on {cfg.model.name}: {n_train:,} of {n_total:,} parameters train")
+    # layer-wise GaLore updates each weight inside backward and frees its gradient there: the
+    # gradient guard and clipping have nothing to look at (its own checks run in the hooks)
+    in_backward = getattr(getattr(optimizer, "optimizer", optimizer), "updates_in_backward", False)
     watch = UntrainedWatch(accelerator.unwrap_model(model), t.untrained_warn_steps)
     window_loss, window_n, window_tokens, window_bad, skipped = 0.0, 0, 0, False, 0
     last_loss, eval_metrics = float("nan"), {}
@@ -260,9 +265,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
                     window_tokens += int(batch["attention_mask"].sum())
                     if not accelerator.sync_gradients:
                         continue
-                    if pos.step == 0 and not window_bad:
+                    if pos.step == 0 and not window_bad and not in_backward:
                         check_gradients(accelerator.unwrap_model(model))
-                    if t.max_grad_norm > 0 and not window_bad:
+                    if t.max_grad_norm > 0 and not window_bad and not in_backward:
                         norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                         window_bad = norm is not None and not torch.isfinite(torch.as_tensor(norm))
                     if window_bad:

@@ -131,3 +131,76 @@ def test_matches_peft_lora_with_the_same_factors():
             peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
     x = torch.randn(N, K, dtype=torch.float64)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def make_dora(freeze_a: bool, p: float, dtype=torch.float64):
+    from lrft.methods.layers import DoraLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(K, D).to(dtype).requires_grad_(False)
+    layer = DoraLinear(base, R, alpha=8, dropout=p, freeze_a=freeze_a).to(dtype)
+    with torch.no_grad():
+        nn.init.normal_(layer.lora_B)
+        layer.lora_magnitude.mul_(1 + 0.1 * torch.randn_like(layer.lora_magnitude))
+    return layer
+
+
+@pytest.mark.parametrize("freeze_a", [True, False])
+def test_dora_gradients_match_the_formula_with_a_detached_norm(freeze_a):
+    """y = (m/‖V‖_c)(xWᵀ + s·x̃AᵀBᵀ) + b with ‖V‖_c constant in backward (float64, 1e-12)."""
+    layer = make_dora(freeze_a, 0.2)
+    x = torch.randn(N, K, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    layer(x).sin().sum().backward()
+
+    a = layer.lora_A.detach().clone().requires_grad_(not freeze_a)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    m = layer.lora_magnitude.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    norm = (w + layer.scale * b @ a).norm(dim=1).detach()
+    xd = x2 * _dropout_mask(x2, 0.2, seed)
+    y2 = (m / norm) * (x2 @ w.t() + layer.scale * (xd @ a.t()) @ b.t()) + bias
+    y2.sin().sum().backward()
+    for ours, ref in [(x.grad, x2.grad), (layer.lora_B.grad, b.grad), (layer.lora_magnitude.grad, m.grad)]:
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    if not freeze_a:
+        torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=0, atol=1e-12)
+
+
+def test_dora_saves_no_weight_sized_tensor():
+    """Frozen A: x·Aᵀ (n·r) for B, the pre-scale output (n·d) for m, two d-vectors; no (d, k)."""
+    layer = make_dora(True, 0.1, torch.float32)
+    x = torch.randn(N, K, requires_grad=True) * 1.0
+    assert saved_activation_bytes(layer, lambda: layer(x)) <= 4 * (N * R + N * D + 2 * D)
+
+
+def test_project_grad_is_b_grad_times_ridge_inverse():
+    layer = make(True, 0.0)
+    layer.project_grad = True
+    x = torch.randn(N, K, dtype=torch.float64)
+    g = torch.randn(N, D, dtype=torch.float64)
+    (layer(x) * g).sum().backward()
+    a = layer.lora_A.detach()
+    plain = layer.scale * g.t() @ (x @ a.t())
+    eye = torch.eye(R, dtype=torch.float64)
+    expected = plain @ torch.linalg.pinv(a @ a.t() + 1e-8 * eye) / layer.scale**2
+    # the r × r inverse is taken in float32 on purpose (it is applied to float32 adapters)
+    torch.testing.assert_close(layer.lora_B.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_offset_base_keeps_the_output_and_delta_stays_relative_to_the_original():
+    layer = make(False, 0.0)
+    layer.eval()
+    w0 = layer.base_layer.weight.detach().clone()
+    x = torch.randn(N, K, dtype=torch.float64)
+    before = layer.base_layer(x)
+    a0, b0 = torch.randn(R, K, dtype=torch.float64), torch.randn(D, R, dtype=torch.float64)
+    layer.offset_base(a0, b0)
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-5)  # A₀, B₀ are kept in float32
+    torch.testing.assert_close(layer.delta(), torch.zeros(D, K, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.original_weight().double(), w0, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already offset"):
+        layer.offset_base(a0, b0)

@@ -17,15 +17,21 @@ implements exactly that, and for any configuration keeps only what the requested
 - trainable A: the dropped input ``x̃`` once (n, k), plus ``x̃ Aᵀ``;
 - dropout: no mask is stored, it is regenerated in backward from a saved seed.
 
-The base layer is called as a module, so bitsandbytes 4/8-bit layers work unchanged.
+The base layer is called as a module, so bitsandbytes 4/8-bit layers work unchanged. The other
+methods are choices on this one layer: an init that moves the base (PiSSA, LoRA-GA:
+:meth:`LowRankLinear.offset_base`), the magnitude/direction parametrization (DoRA:
+:class:`DoraLinear`), which factors train (LoRA-FA: ``freeze_a``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
+
+from lrft.quantization import dense_weight, set_dense_weight
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -47,7 +53,7 @@ class LowRankFn(torch.autograd.Function):
     """s · dropout(x) Aᵀ Bᵀ with a backward that saves only what the needed gradients use."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scale: float, p: float, seed: int):
+    def forward(ctx, x, lora_a, lora_b, scale: float, p: float, seed: int, grad_proj=None):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xd = x.to(dtype)
@@ -56,7 +62,7 @@ class LowRankFn(torch.autograd.Function):
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             xa = xd @ a.t()  # (..., r)
             out = (xa @ b.t()) * scale
-        ctx.scale, ctx.p, ctx.seed, ctx.dtype = scale, p, seed, dtype
+        ctx.scale, ctx.p, ctx.seed, ctx.dtype, ctx.grad_proj = scale, p, seed, dtype, grad_proj
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # A's gradient needs the (dropped) input; B's only x̃Aᵀ; x's only the weights.
         saved_x = xd if lora_a.requires_grad else None
@@ -74,7 +80,10 @@ class LowRankFn(torch.autograd.Function):
         grad_xa = g2 @ b  # (n, r)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
-            grad_b = (g2.t() @ xa2).to(lora_b.dtype)
+            grad_b = g2.t() @ xa2
+            if ctx.grad_proj is not None:  # (r, r), see LowRankLinear.project_grad
+                grad_b = grad_b @ ctx.grad_proj.to(grad_b.dtype)
+            grad_b = grad_b.to(lora_b.dtype)
         if ctx.needs_input_grad[1]:
             grad_a = (grad_xa.t() @ xd.reshape(-1, xd.shape[-1])).to(lora_a.dtype)
         if ctx.needs_input_grad[0]:
@@ -82,11 +91,11 @@ class LowRankFn(torch.autograd.Function):
             if ctx.p > 0:
                 grad_x = grad_x * _dropout_mask(grad_x, ctx.p, ctx.seed)
             grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 class LowRankLinear(nn.Module):
-    """A frozen base linear layer plus a trainable low-rank update (LoRA, LoRA-FA, ...).
+    """A frozen base linear layer plus a trainable low-rank update (LoRA, LoRA-FA, PiSSA, LoRA-GA).
 
     Args:
         base: the layer to adapt (``nn.Linear`` or a bitsandbytes linear); kept as ``base_layer``.
@@ -95,6 +104,12 @@ class LowRankLinear(nn.Module):
         dropout: dropout probability on the adapter's input.
         rslora: rank-stabilised scale α / √r (https://arxiv.org/abs/2312.03732).
         freeze_a: LoRA-FA: A is fixed after init and only B trains.
+        project_grad: LoRA-FA refinement: B's gradient becomes g_B (A Aᵀ)⁻¹ / s², the B-update whose
+            ΔW best approximates full fine-tuning's (PEFT's ``LoraFAOptimizer``); needs ``freeze_a``.
+
+    Inits that start from non-zero factors (PiSSA, LoRA-GA) call :meth:`offset_base`: the base
+    becomes W − s·B₀A₀ so the output is unchanged, and B₀, A₀ are kept (buffers ``lora_B0``,
+    ``lora_A0``) so :meth:`delta` and :meth:`export_factors` stay relative to the ORIGINAL W.
     """
 
     def __init__(
@@ -105,6 +120,7 @@ class LowRankLinear(nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         freeze_a: bool = False,
+        project_grad: bool = False,
     ) -> None:
         super().__init__()
         if r < 1:
@@ -113,6 +129,7 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.p = r, alpha, dropout
         self.scale = alpha / (math.sqrt(r) if rslora else r)
+        self.project_grad = project_grad
         weight = base.weight
         device = weight.device
         # Adapters live in float32 whatever the base storage (fp16/bf16/4-bit): their updates are
@@ -121,21 +138,140 @@ class LowRankLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear: ΔW = 0 since B = 0
         self.lora_A.requires_grad_(not freeze_a)
+        # set by offset_base: W_original = W_base + s·B₀A₀ (r(k + d) numbers, the adapter's own size)
+        self.register_buffer("lora_A0", None)
+        self.register_buffer("lora_B0", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        return out + self.adapter(x, out.dtype)
+
+    def adapter(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """s · dropout(x) Aᵀ Bᵀ in ``dtype``, through :class:`LowRankFn`."""
         p = self.p if self.training else 0.0
         # The seed comes from the global RNG, so runs are reproducible and checkpoint recompute
         # (which restores RNG state) regenerates the same mask.
         seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        return out + LowRankFn.apply(x, self.lora_A, self.lora_B, self.scale, p, seed).to(out.dtype)
+        return LowRankFn.apply(x, self.lora_A, self.lora_B, self.scale, p, seed, self._grad_proj()).to(dtype)
+
+    def _grad_proj(self) -> torch.Tensor | None:
+        if not self.project_grad:
+            return None
+        # (A Aᵀ + δI)⁻¹ / s² with PEFT's ridge δ = 1e-8; r × r, so recomputing it is cheaper than caching
+        a = self.lora_A.detach().float()
+        eye = torch.eye(self.r, device=a.device)
+        return torch.linalg.pinv(a @ a.t() + 1e-8 * eye) / self.scale**2
+
+    @property
+    def is_offset(self) -> bool:
+        return self.lora_A0 is not None
+
+    @torch.no_grad()
+    def offset_base(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> None:
+        """Start from factors A₀, B₀ and move the base so the output is unchanged: W ← W − s·B₀A₀.
+
+        ``weight`` is the float weight to offset (QPiSSA passes the full-precision one); by default
+        the base's own, dequantized. A quantized base is re-quantized after the subtraction, which
+        is done once, in float32, from A₀ and B₀, so rebuilding a run repeats it bit for bit.
+        """
+        if self.is_offset:
+            raise RuntimeError("this layer's base was already offset")
+        w = dense_weight(self.base_layer) if weight is None else weight.float()
+        a0 = lora_a.detach().float().to(w.device)
+        b0 = lora_b.detach().float().to(w.device)
+        self.lora_A.copy_(a0)
+        self.lora_B.copy_(b0)
+        self.lora_A0, self.lora_B0 = a0.clone(), b0.clone()
+        set_dense_weight(self.base_layer, w - self.scale * (b0 @ a0))
+
+    @torch.no_grad()
+    def original_weight(self) -> torch.Tensor:
+        """The base weight before any offset (float32; dequantized for quantized bases)."""
+        w = dense_weight(self.base_layer)
+        if self.is_offset:
+            w = w + self.scale * (self.lora_B0 @ self.lora_A0)
+        return w
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
-        """ΔW = s·B·A, shape (d, k), in float32 at least: what the adapter adds to the base weight."""
+        """ΔW, shape (d, k), float32 at least, relative to the ORIGINAL base weight: s·(BA − B₀A₀)."""
+        a, b, scale, _ = self.export_factors()
+        return scale * (b @ a)
+
+    @torch.no_grad()
+    def export_factors(self) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        """(A (r', k), B (d, r'), s, magnitude) with ΔW = s·B·A relative to the original base.
+
+        An offset layer returns the rank-2r pair [A; A₀], [B | −B₀]: s(BA − B₀A₀) as one LoRA.
+        """
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
-        return self.scale * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
+        a, b = self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
+        if self.is_offset:
+            a = torch.cat([a, self.lora_A0.to(dtype)], dim=0)
+            b = torch.cat([b, -self.lora_B0.to(dtype)], dim=1)
+        return a, b, self.scale, None
 
     def extra_repr(self) -> str:
         frozen = ", A frozen" if not self.lora_A.requires_grad else ""
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}{frozen}"
+        offset = ", base offset" if self.is_offset else ""
+        shape = f"in={self.in_features}, out={self.out_features}, r={self.r}"
+        return f"{shape}, scale={self.scale:g}{frozen}{offset}"
+
+
+class DoraLinear(LowRankLinear):
+    """DoRA (https://arxiv.org/abs/2402.09353): magnitude times direction, W' = m · V / ‖V‖_c.
+
+    V = W + s·B·A and ‖·‖_c is the norm of each output row (over the input dimension, a vector of
+    d). m starts at ‖V‖_c (so W' = W) and trains with the factors. The forward never forms W'::
+
+        y = (m / ‖V‖_c) ⊙ (x Wᵀ + s · dropout(x) Aᵀ Bᵀ) + b
+
+    ‖V‖_c is treated as a constant in backward (paper sec. 4.3), so no (d, k) tensor is saved: the
+    factors keep :class:`LowRankFn`'s memory property and m's gradient needs only the (n, d)
+    pre-scale output. Any init composes (PiSSA, LoRA-GA): m is re-set after the base moves.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, **kwargs: Any) -> None:
+        super().__init__(base, r, alpha, **kwargs)
+        self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, device=self.lora_A.device))
+        self.reset_magnitude()
+
+    @torch.no_grad()
+    def direction(self) -> torch.Tensor:
+        """V = W_base + s·B·A, float32 (d, k); never part of the autograd graph."""
+        w = dense_weight(self.base_layer)
+        return w + self.scale * (self.lora_B.to(w.dtype) @ self.lora_A.to(w.dtype))
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        self.lora_magnitude.copy_(self.direction().norm(dim=1))
+
+    @torch.no_grad()
+    def offset_base(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> None:
+        super().offset_base(lora_a, lora_b, weight)
+        self.reset_magnitude()  # ‖W_res + s·B₀A₀‖_c = ‖W‖_c: the output is still the base's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        bias = self.base_layer.bias
+        pre = out if bias is None else out - bias
+        norm = self.direction().norm(dim=1)  # no_grad: the detached ‖V‖_c
+        c = (self.lora_magnitude / norm).to(out.dtype)
+        y = c * (pre + self.adapter(x, out.dtype))
+        return y if bias is None else y + bias
+
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """ΔW = m · V / ‖V‖_c − W_original, float32 (d, k)."""
+        v = self.direction()
+        merged = (self.lora_magnitude.to(v.dtype) / v.norm(dim=1)).unsqueeze(1) * v
+        return merged - self.original_weight()
+
+    @torch.no_grad()
+    def export_factors(self) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        a, b, scale, _ = super().export_factors()
+        return a, b, scale, self.lora_magnitude.detach().float()

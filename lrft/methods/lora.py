@@ -1,7 +1,9 @@
 """LoRA (https://arxiv.org/abs/2106.09685): W frozen, y = x Wᵀ + s · dropout(x) Aᵀ Bᵀ.
 
-The base of the whole family: LoRA-FA, and later DoRA, PiSSA and LoRA-GA, are this method with a
-different init, parametrisation or set of frozen factors.
+The base of the whole family. Every other LoRA-family method is this one with different choices:
+which factors train (``freeze_a``: LoRA-FA), the parametrization (``dora``: magnitude · direction),
+the init (:meth:`Lora.init_layers`: PiSSA's SVD of W, LoRA-GA's SVD of the gradient), and the
+base storage (``quantization=nf4``: QLoRA). Options compose: ``method=pissa method.dora=true``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrft import quantization
 from lrft.errors import UserError
 from lrft.methods.base import (
     ApplyContext,
@@ -21,7 +24,7 @@ from lrft.methods.base import (
     mark_modules_to_save,
     replace_module,
 )
-from lrft.methods.layers import LowRankLinear
+from lrft.methods.layers import DoraLinear, LowRankLinear
 from lrft.methods.registry import register_method
 
 
@@ -35,6 +38,8 @@ class LoraConfig(MethodConfig):
     target_modules: list[str] | None = None
     rslora: bool = False  # scale α/√r instead of α/r
     freeze_a: bool = False  # LoRA-FA: A fixed after init, only B trains
+    dora: bool = False  # DoRA: W' = m · (W + sBA) / ‖W + sBA‖_c, magnitude m trained too
+    project_grad: bool = False  # with freeze_a: B's gradient times (AAᵀ)⁻¹/s² (PEFT's LoraFAOptimizer)
 
 
 @register_method("lora", config=LoraConfig)
@@ -48,27 +53,83 @@ class Lora(Method):
             raise UserError(f"method.r must be >= 1, got {m.r}.")
         if not 0.0 <= m.dropout < 1.0:
             raise UserError(f"method.dropout must be in [0, 1), got {m.dropout}.")
+        if m.project_grad and not m.freeze_a:
+            raise UserError(
+                "method.project_grad=true corrects B's gradient for a FROZEN A (LoRA-FA): "
+                "add method.freeze_a=true, or use method=lora_fa."
+            )
+        if str(root_cfg.optimizer.name).startswith("galore"):
+            raise UserError(
+                f"optimizer={root_cfg.optimizer.name} projects full-rank gradients to low rank; "
+                f"method={m.name}'s factors are low-rank already. Use optimizer=adamw (or adamw8bit), "
+                "or method=galore to train full weights with GaLore."
+            )
+        quantization.check(root_cfg)
 
     def apply(
         self, model: nn.Module, defaults: dict[str, list[str]] | None = None, ctx: ApplyContext | None = None
     ) -> nn.Module:
         defaults = defaults or {}
+        ctx = ctx or ApplyContext()
         c = self.cfg
         targets = list(c.target_modules or defaults.get("target_modules") or ["all-linear"])
+        names = find_targets(model, targets)
         model.requires_grad_(False)
-        for name in find_targets(model, targets):
-            base = model.get_submodule(name)
-            layer = LowRankLinear(base, c.r, c.alpha, c.dropout, rslora=c.rslora, freeze_a=c.freeze_a)
-            replace_module(model, name, layer)
+        layers = {}
+        for name in names:
+            layers[name] = self.make_layer(model.get_submodule(name))
+            replace_module(model, name, layers[name])
+        if not ctx.restoring:  # a rebuilt run gets its factors (and base offset) from load_trainable
+            self.init_layers(model, layers, ctx)
         to_save = c.modules_to_save if c.modules_to_save is not None else defaults.get("modules_to_save", [])
         mark_modules_to_save(model, list(to_save))
         return model
 
+    def make_layer(self, base: nn.Module) -> LowRankLinear:
+        c = self.cfg
+        cls = DoraLinear if c.dora else LowRankLinear
+        return cls(
+            base,
+            c.r,
+            c.alpha,
+            dropout=c.dropout,
+            rslora=c.rslora,
+            freeze_a=c.freeze_a,
+            project_grad=c.project_grad,
+        )
+
+    def init_layers(self, model: nn.Module, layers: dict[str, LowRankLinear], ctx: ApplyContext) -> None:
+        """Data- or weight-aware inits override this; LoRA keeps Kaiming A and zero B."""
+
+    def offset_source(self, layer: LowRankLinear) -> torch.Tensor | None:
+        """The weight a rebuilt offset layer subtracts s·B₀A₀ from (None: the base's own)."""
+        return None
+
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        # A is part of the adapter even when frozen (LoRA-FA): it is random, not derivable.
+        # A is part of the adapter even when frozen (LoRA-FA): it is random, not derivable. B₀, A₀
+        # of a moved base (PiSSA, LoRA-GA) rebuild the run without recomputing an SVD or gradients.
         state = super().trainable_state_dict(model)
         for name, module in model.named_modules():
             if isinstance(module, LowRankLinear):
-                state[f"{name}.lora_A"] = module.lora_A.detach()
-                state[f"{name}.lora_B"] = module.lora_B.detach()
+                for key in ("lora_A", "lora_B", "lora_A0", "lora_B0"):
+                    value = getattr(module, key)
+                    if value is not None:
+                        state[f"{name}.{key}"] = value.detach()
         return state
+
+    def load_trainable(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        for name, module in model.named_modules():
+            if not isinstance(module, LowRankLinear) or f"{name}.lora_A0" not in state:
+                continue
+            a0, b0 = state.pop(f"{name}.lora_A0"), state.pop(f"{name}.lora_B0")
+            if not module.is_offset:  # rebuilt with restoring=True: move the base as training did
+                module.offset_base(a0, b0, self.offset_source(module))
+            elif not (
+                torch.equal(module.lora_A0, a0.to(module.lora_A0))
+                and torch.equal(module.lora_B0, b0.to(module.lora_B0))
+            ):
+                source = module.original_weight()  # moved by another init: undo it, then move again
+                module.lora_A0 = module.lora_B0 = None
+                module.offset_base(a0, b0, source)
+        super().load_trainable(model, state)

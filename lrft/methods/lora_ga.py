@@ -1,0 +1,166 @@
+"""LoRA-GA (https://arxiv.org/abs/2407.05000): adapters start along the full fine-tuning gradient.
+
+The gradient G = ∂L/∂W of every adapted weight is averaged over ``init_batches`` training batches
+(and across ranks), then randomized SVD G ≈ U S Vᵀ (q = 4r, 4 iterations). The paper's default
+direction "ArB2r": A = V[:, :r]ᵀ, B = U[:, r:2r]; its "stable" scale multiplies both by
+d_out^¼ / √γ. The base is offset by s·B·A so the output is unchanged, like PiSSA.
+
+Memory: no weight gets a ``.grad``. A probe on each adapted layer's output takes G = gᵀx in
+backward, adds it to that layer's accumulator (kept on the CPU when the model is on an accelerator)
+and drops it, so the device holds one layer's full gradient at a time beyond the frozen model and
+the activations. A quantized base works the same way (G is w.r.t. the dequantized weight); its
+offset is applied to the dequantized weight, which is then re-quantized, as the official code does.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrft.errors import UserError, did_you_mean
+from lrft.methods.base import ApplyContext
+from lrft.methods.layers import LowRankLinear
+from lrft.methods.lora import Lora, LoraConfig
+from lrft.methods.registry import register_method
+
+DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
+SCALES = ("stable", "gd", "unit")
+
+
+@dataclass
+class LoraGAConfig(LoraConfig):
+    name: str = "lora_ga"
+    init_batches: int = 8  # training batches (trainer.batch_size each) in the gradient estimate
+    direction: str = "ArB2r"  # which singular vectors: A from V[:r], B from U[r:2r] (paper default)
+    init_scale: str = "stable"  # stable: both × d_out^¼/√γ | gd: both / s | unit: as they come
+    stable_gamma: float = 16.0
+    svd_niter: int = 4  # subspace iterations of the randomized SVD
+
+
+class _Probe(torch.autograd.Function):
+    """Identity on a layer's output whose backward adds gᵀx (the weight's gradient) to ``sink``."""
+
+    @staticmethod
+    def forward(ctx, out, x, anchor, sink):
+        ctx.save_for_backward(x)
+        ctx.sink = sink
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1]).float()
+        ctx.sink(g2.t() @ x.reshape(-1, x.shape[-1]).float())  # (d, k), then freed
+        return grad, None, None, None
+
+
+def estimate_gradients(
+    model: nn.Module, layers: dict[str, nn.Module], batches: Any, n_batches: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Mean ∂L/∂W (float32, (d, k)) of each layer in ``layers`` over up to ``n_batches`` batches."""
+    device = next(model.parameters()).device
+    store = torch.device("cpu") if device.type != "cpu" else device  # one layer's G on the device at a time
+    acc: dict[str, torch.Tensor] = {}
+    anchor = torch.zeros((), requires_grad=True)  # the only leaf needing grad: backward reaches the probes
+
+    def sink_for(name: str) -> Any:
+        def sink(g: torch.Tensor) -> None:
+            g = g.to(store)
+            acc[name] = acc[name].add_(g) if name in acc else g
+
+        return sink
+
+    def hook_for(name: str) -> Any:
+        sink = sink_for(name)
+        return lambda mod, args, out: _Probe.apply(out, args[0].detach(), anchor, sink)
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
+    was_training, seen = model.training, 0
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)  # adapters too: no .grad may be left behind for the first step
+    # the training loss's gradient, dropout included (seeded, so repeatable); train mode also keeps
+    # bitsandbytes from repacking 4-bit weights for CPU inference, which would round their scales
+    model.train()
+    try:
+        for batch in islice(batches, n_batches):
+            model(**batch).loss.backward()
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {n: g / max(seen, 1) for n, g in acc.items()}, seen
+
+
+def ga_factors(
+    grad: torch.Tensor, r: int, scale: float, c: LoraGAConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, k), B (d, r)) from the SVD of the averaged gradient (float32)."""
+    q = min(4 * r, min(grad.shape))
+    u, _, v = torch.svd_lowrank(grad, q=q, niter=c.svd_niter)
+    vh = v.t()
+    pick = {
+        "ArB2r": (slice(0, r), slice(r, 2 * r)),
+        "A2rBr": (slice(r, 2 * r), slice(0, r)),
+        "ArBr": (slice(1, 2 * r, 2), slice(0, 2 * r, 2)),
+    }[c.direction]
+    a, b = vh[pick[0]], u[:, pick[1]]
+    if c.init_scale == "stable":
+        factor = grad.shape[0] ** 0.25 / c.stable_gamma**0.5
+        a, b = a * factor, b * factor
+    elif c.init_scale == "gd":
+        a, b = a / scale, b / scale
+    return a.contiguous(), b.contiguous()
+
+
+@register_method("lora_ga", config=LoraGAConfig)
+class LoraGA(Lora):
+    cfg: LoraGAConfig
+
+    @classmethod
+    def validate(cls, root_cfg: Any) -> None:
+        super().validate(root_cfg)
+        m = root_cfg.method
+        for key, valid in (("direction", DIRECTIONS), ("init_scale", SCALES)):
+            if m[key] not in valid:
+                raise UserError(f"method.{key}={m[key]!r} is not valid.{did_you_mean(str(m[key]), valid)}")
+        if m.init_batches < 1:
+            raise UserError(f"method.init_batches must be >= 1, got {m.init_batches}.")
+
+    def init_layers(self, model: nn.Module, layers: dict[str, LowRankLinear], ctx: ApplyContext) -> None:
+        if ctx.calibration is None:
+            raise UserError(
+                "LoRA-GA initialises from the gradient of training batches and none were given: "
+                "run it through `lrft train`, or pass ApplyContext(calibration=...) to apply()."
+            )
+        c, start = self.cfg, time.perf_counter()
+        bases = {n: layer.base_layer for n, layer in layers.items()}
+        grads, seen = estimate_gradients(model, bases, ctx.calibration(), c.init_batches)
+        if seen == 0:
+            raise UserError("LoRA-GA got no calibration batch: the training set is empty.")
+        estimated = time.perf_counter()
+        acc = ctx.accelerator
+        world = getattr(acc, "num_processes", 1) if acc is not None else 1
+        for name, layer in layers.items():
+            grad = grads.pop(name).to(layer.lora_A.device)  # one full gradient on the device at a time
+            if world > 1:
+                grad = acc.reduce(grad, reduction="mean")
+            if 2 * c.r > min(grad.shape):
+                raise UserError(f"method.r={c.r}: LoRA-GA needs 2r <= {min(grad.shape)} for layer {name}.")
+            layer.offset_base(*ga_factors(grad, c.r, layer.scale, c))
+            del grad
+        self.init_seconds = time.perf_counter() - start
+        if acc is None or getattr(acc, "is_main_process", True):
+            print(
+                f"LoRA-GA init: gradients of {len(layers)} layers over {seen} batches in "
+                f"{estimated - start:.1f}s, SVD and offsets in {time.perf_counter() - estimated:.1f}s",
+                file=sys.stderr,
+            )
