@@ -2,6 +2,7 @@
 trains through ``lrft train``'s loop on each tiny architecture and reloads with the same outputs."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,6 @@ import torch
 
 from lrft.checkpoint import load_run
 from lrft.config import compose, group_options
-from lrft.errors import UserError
 from lrft.train import train
 
 TINY = {"classification": "tiny_roberta", "seq2seq": "tiny_t5", "causal": "tiny_llama"}
@@ -72,16 +72,8 @@ def test_recipe_trains_two_steps_on_the_tiny_model(tmp_path, recipe):
     cfg = compose(overrides + shrink.get(full.method.name, []))
     assert cfg.method == full.method or full.method.name in shrink
     assert cfg.optimizer == full.optimizer and cfg.quantization == full.quantization
-    try:
-        result = train(cfg, tmp_path / "run")
-    except UserError as err:
-        if getattr(cfg.method, "layerwise", False) and "received no gradient" in str(err):
-            pytest.xfail(
-                "layer-wise GaLore frees each gradient inside backward; train.py's first-step guard "
-                "(guards.check_gradients) must skip optimizers with updates_in_backward=True"
-            )
-        raise
-    assert result.summary["steps"] == 2 and result.summary["train_loss"] == result.summary["train_loss"]
+    result = train(cfg, tmp_path / "run")
+    assert result.summary["steps"] == 2 and math.isfinite(result.summary["train_loss"])
 
 
 @pytest.mark.parametrize("model", ["tiny_roberta", "tiny_t5", "tiny_llama"])
