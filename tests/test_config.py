@@ -38,6 +38,13 @@ def test_every_option_composes(group, option):
     if group == "model":
         task = compose([*overrides, "dataset=glue/sst2"] if "llama" not in option else overrides).model.task
         overrides.append(f"dataset={DATASET_FOR[task]}")
+    if group == "optimizer" and option.startswith("galore"):
+        overrides.append("method=galore")  # GaLore's optimizers project GaLore's weights only
+    if group == "dataset" and option == "mmlu":  # evaluation only: composed by `lrft eval`
+        assert compose([*overrides, "model=tiny_llama"], "eval").dataset.kind == "mmlu"
+        with pytest.raises(UserError, match="cannot train on dataset"):
+            compose([*overrides, "model=tiny_llama"])
+        return
     if group == "dataset":
         kind = "glue" if option.startswith("glue/") else "instruction"
         overrides.append(f"model={MODEL_FOR[kind]}")
