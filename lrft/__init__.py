@@ -8,12 +8,17 @@ The Python API mirrors the CLI::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
 __version__ = "0.1.0"
+
+# bitsandbytes warns on every CPU import that an optional kernels package is missing; its own
+# CPU path works without it, so the warning only alarms users
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def apply_method(model: nn.Module, method: str, **options: Any) -> nn.Module:

@@ -27,7 +27,7 @@ EXAMPLES = """\
 
 SUBCOMMANDS = {
     "train": "fine-tune a model: compose model/method/quantization/optimizer/dataset configs and run",
-    "eval": "evaluate a run or a model on GLUE or MMLU (coming: issue #4)",
+    "eval": "evaluate a run, a merged export or a base model on GLUE (official metrics) or MMLU",
     "merge": "fold a run's adapter into the base weights and export a transformers folder (issue #5)",
 }
 
@@ -179,9 +179,15 @@ def _later(issue: int, name: str) -> Callable[[list[str]], int]:
     return cmd
 
 
+def eval_cmd(argv: list[str]) -> int:
+    from lrft.evaluate.cli import eval_main
+
+    return eval_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_cmd,
-    "eval": _later(4, "eval"),
+    "eval": eval_cmd,
     "merge": _later(5, "merge"),
 }
 

@@ -1,12 +1,15 @@
-"""GLUE metrics, computed directly with numpy (they match scikit-learn and scipy).
+"""GLUE and MMLU metrics, computed directly with numpy (they match scikit-learn and scipy).
 
-Degenerate inputs (a constant prediction or label vector) give 0.0 instead of NaN for every
-correlation, as scikit-learn does for Matthews: a NaN would poison best-checkpoint comparisons.
+:class:`GlueMeter` accumulates them batch by batch for the evaluator; the plain functions take
+whole prediction lists. Degenerate inputs (a constant prediction or label vector) give 0.0 instead
+of NaN for every correlation, as scikit-learn does for Matthews: a NaN would poison best-checkpoint
+comparisons.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from array import array
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +42,12 @@ def matthews_corrcoef(preds: Numbers, labels: Numbers) -> float:
     k = len(classes)
     conf = np.zeros((k, k), dtype=np.float64)
     np.add.at(conf, (codes[: len(y)], codes[len(y) :]), 1.0)
+    return matthews_from_confusion(conf)
+
+
+def matthews_from_confusion(conf: np.ndarray) -> float:
+    """Matthews correlation of a confusion matrix (rows: labels, columns: predictions)."""
+    conf = np.asarray(conf, dtype=np.float64)
     t_sum, p_sum = conf.sum(axis=1), conf.sum(axis=0)
     n, correct = conf.sum(), np.trace(conf)
     cov_tp = correct * n - t_sum @ p_sum
@@ -110,15 +119,110 @@ def _pair(preds: Numbers, labels: Numbers, dtype: type | None = None) -> tuple[n
     return p, y
 
 
+class GlueMeter:
+    """The official metrics of a GLUE task, accumulated batch by batch.
+
+    A classification task keeps only its k×k confusion matrix (accuracy, F1 and Matthews are all
+    functions of it), so memory does not grow with the number of examples. STS-B keeps the scores
+    themselves, 16 bytes an example in two float arrays, because Spearman needs every rank.
+    """
+
+    def __init__(self, task: str) -> None:
+        self.spec = get_task(task)
+        k = self.spec.num_labels
+        self.confusion = np.zeros((k, k), dtype=np.int64)  # rows: labels, columns: predictions
+        self._preds = array("d")
+        self._labels = array("d")
+
+    @property
+    def n(self) -> int:
+        return len(self._labels) if self.spec.is_regression else int(self.confusion.sum())
+
+    def update(self, preds: Numbers, labels: Numbers) -> None:
+        p, y = _pair(preds, labels)
+        if self.spec.is_regression:
+            self._preds.extend(p.astype(np.float64).tolist())
+            self._labels.extend(y.astype(np.float64).tolist())
+            return
+        k = self.spec.num_labels
+        p, y = p.astype(np.int64), y.astype(np.int64)
+        if len(p) and (p.min() < 0 or p.max() >= k or y.min() < 0 or y.max() >= k):
+            raise ValueError(f"{self.spec.name} classes are 0..{k - 1}; got predictions {p} for labels {y}")
+        np.add.at(self.confusion, (y, p), 1)
+
+    def compute(self) -> dict[str, float]:
+        if self.spec.is_regression:
+            p, y = np.frombuffer(self._preds), np.frombuffer(self._labels)
+            found = {"pearson": pearson(p, y), "spearmanr": spearman(p, y)}
+        else:
+            found = confusion_metrics(self.confusion)
+        return {name: found[name] for name in self.spec.metrics}
+
+
+def confusion_metrics(conf: np.ndarray, positive: int = 1) -> dict[str, float]:
+    """Accuracy, F1 of ``positive`` and Matthews from a confusion matrix (rows: labels)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    n = conf.sum()
+    result = {"accuracy": float(np.trace(conf) / n) if n else 0.0}
+    if conf.shape[0] > positive:
+        tp = conf[positive, positive]
+        fp, fn = conf[:, positive].sum() - tp, conf[positive, :].sum() - tp
+        result["f1"] = float(2 * tp / (2 * tp + fp + fn)) if tp > 0 else 0.0
+    result["matthews_corrcoef"] = matthews_from_confusion(conf)
+    return result
+
+
+def subject_accuracy(
+    counts: Mapping[str, tuple[int, int]], category_of: Mapping[str, str | None]
+) -> dict[str, object]:
+    """MMLU's report from (correct, total) per subject: per-subject accuracy, per-category accuracy
+    over the category's questions (as Hendrycks' evaluate.py pools them), ``accuracy`` (micro:
+    over all questions) and ``accuracy_macro`` (the mean of the subject accuracies).
+
+    Subjects without a category (not one of the 57) count in the averages, in no category.
+    """
+    subjects: dict[str, dict[str, object]] = {}
+    pooled: dict[str, list[int]] = {}
+    for name, (correct, total) in sorted(counts.items()):
+        category = category_of.get(name)
+        subjects[name] = {
+            "accuracy": correct / total if total else 0.0,
+            "correct": int(correct),
+            "n": int(total),
+            "category": category,
+        }
+        if category is not None and total:
+            bucket = pooled.setdefault(category, [0, 0, 0])
+            bucket[0] += correct
+            bucket[1] += total
+            bucket[2] += 1
+    answered = [s for s in subjects.values() if s["n"]]
+    correct_all = sum(int(s["correct"]) for s in answered)  # type: ignore[call-overload]
+    total_all = sum(int(s["n"]) for s in answered)  # type: ignore[call-overload]
+    return {
+        "accuracy": correct_all / total_all if total_all else 0.0,
+        "accuracy_macro": float(np.mean([s["accuracy"] for s in answered])) if answered else 0.0,
+        "n": total_all,
+        "categories": {
+            c: {"accuracy": b[0] / b[1], "n": b[1], "subjects": b[2]} for c, b in sorted(pooled.items())
+        },
+        "subjects": subjects,
+    }
+
+
 __all__ = [
     "GLUE_TASKS",
+    "GlueMeter",
     "accuracy",
+    "confusion_metrics",
     "f1_binary",
     "glue_metrics",
     "higher_is_better",
     "matthews_corrcoef",
+    "matthews_from_confusion",
     "pearson",
     "primary_metric",
     "rankdata",
     "spearman",
+    "subject_accuracy",
 ]

@@ -4,6 +4,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -19,8 +20,11 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from lrft.config import DataFiles, DatasetConfig
 from lrft.data import Collator, encode_rows
 from lrft.data.glue import GLUE_TASKS
-from lrft.evaluate import evaluate_model
+from lrft.evaluate import encode_for_eval, evaluate_examples, evaluate_model
+from lrft.evaluate.causal_glue import PROMPTS, prompt_text
 from lrft.evaluate.core import _wrong
+from lrft.evaluate.scoring import Request, continuation_requests, score, special_prefix, tokens_after
+from lrft.metrics import glue_metrics
 from lrft.models import byte_tokenizer
 
 
@@ -36,8 +40,10 @@ def one_thread():
 WORDS = ["cat", "dog", "bird", "fish", "tree", "sun", "moon", "star", "car", "road", "book", "lamp"]
 
 
-def glue_cfg(subset: str) -> DatasetConfig:
-    return DatasetConfig(name=subset, kind="glue", subset=subset, data_files=DataFiles(), max_length=64)
+def glue_cfg(subset: str, max_length: int = 64) -> DatasetConfig:
+    return DatasetConfig(
+        name=subset, kind="glue", subset=subset, data_files=DataFiles(), max_length=max_length
+    )
 
 
 def instr_cfg() -> DatasetConfig:
@@ -229,3 +235,138 @@ def test_causal_loss_is_token_weighted_and_matches_hf():
 def test_empty_examples():
     tok, model = byte_tokenizer("llama"), tiny_llama()
     assert run(model, tok, [], instr_cfg(), "causal") == {"n": 0}
+
+
+# --- causal LMs on GLUE (evaluation only) ---------------------------------------------------------
+
+
+def sst2_rows(n: int = 10) -> list[dict]:
+    return [
+        {"sentence": f"the {WORDS[i % 12]} was {'good' if i % 2 else 'bad'}", "label": i % 2}
+        for i in range(n)
+    ]
+
+
+def brute_loglik(model, context: list[int], continuation: list[int]) -> float:
+    """One unpadded sequence, full logits: what the batched scorer must reproduce."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context + continuation])).logits[0].float()
+    logp = logits.log_softmax(-1)
+    return sum(logp[len(context) - 1 + j, t].item() for j, t in enumerate(continuation))
+
+
+def test_prompts_cover_every_task_and_keep_the_label_order():
+    assert set(PROMPTS) == set(GLUE_TASKS)
+    for name, (template, words) in PROMPTS.items():
+        spec = GLUE_TASKS[name]
+        assert len(words) == (6 if spec.is_regression else spec.num_labels)
+        assert all("{" + f + "}" in template for f in spec.text_fields)
+    row = {"premise": "A {cat} sits.", "hypothesis": "An animal sits.", "label": 0}
+    assert prompt_text(row, GLUE_TASKS["mnli"]) == (
+        "A {cat} sits.\nQuestion: An animal sits. True, False or Neither?\nAnswer:"
+    )
+
+
+def test_tokens_after_and_special_prefix():
+    tok = byte_tokenizer("llama")
+    assert special_prefix(tok) == [tok.bos_token_id]
+    assert special_prefix(byte_tokenizer("t5")) == []  # T5 appends EOS; nothing goes before
+    assert tokens_after(tok, "Answer:", " yes") == tok(" yes", add_special_tokens=False)["input_ids"]
+
+
+def test_batched_scores_match_one_sequence_at_a_time():
+    tok, model = byte_tokenizer("llama"), tiny_llama().eval()
+    contexts = [tok(t)["input_ids"] for t in ("a short one", "a much longer context here", "mid size")]
+    conts = [
+        tok(" yes", add_special_tokens=False)["input_ids"],
+        tok(" no", add_special_tokens=False)["input_ids"],
+    ]
+    requests = [r for c in contexts for r in continuation_requests(c, conts)]
+    for batch_size in (1, 4):
+        got = dict(score(model, requests, batch_size, pad_id=0))
+        for i, (c, cont) in enumerate((c, cont) for c in contexts for cont in conts):
+            assert sum(got[i]) == pytest.approx(brute_loglik(model, c, cont), abs=1e-4)
+    # several targets read at one position: next-token log-probs of each
+    one = Request(contexts[0], [len(contexts[0]) - 1], [[65, 66, 67]])
+    [(_, values)] = list(score(model, [one], 2, pad_id=0))
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([contexts[0]])).logits[0, -1].float().log_softmax(-1)
+    assert values == pytest.approx(logp[[65, 66, 67]].tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("task", ["sst2", "mnli", "stsb"])
+def test_causal_glue_predictions_match_brute_force(task):
+    tok, model = byte_tokenizer("llama"), tiny_llama()
+    cfg = glue_cfg(task, max_length=128)  # every prompt fits the tiny model's 128 positions
+    if task == "sst2":
+        rows = sst2_rows()
+    elif task == "mnli":
+        rows = [
+            {"premise": f"a {w} sits", "hypothesis": "it sits", "label": i % 3} for i, w in enumerate(WORDS)
+        ]
+    else:
+        rows = [{"sentence1": w, "sentence2": w[::-1], "label": i * 0.4} for i, w in enumerate(WORDS)]
+    examples = encode_for_eval(rows, cfg, "causal", tok)
+    model.train()
+    result = run(model, tok, examples, cfg, "causal", batch_size=3)
+    assert model.training  # restored
+    model.eval()
+    preds = []
+    for ex in examples:
+        scores = np.array([brute_loglik(model, ex["input_ids"], c) for c in ex["choices"]])
+        if task == "stsb":
+            probs = np.exp(scores - scores.max())
+            preds.append(float(probs / probs.sum() @ np.arange(6)))
+        else:
+            preds.append(int(np.argmax(scores)))
+    expected = glue_metrics(task, preds, [r["label"] for r in rows])
+    assert {k: result[k] for k in expected} == pytest.approx(expected, abs=1e-6)
+    assert result["n"] == len(rows) and result["truncated"] == 0
+    assert run(model, tok, examples, cfg, "causal", batch_size=7) == pytest.approx(result, abs=1e-6)
+
+
+def test_causal_glue_long_prompts_keep_their_end_and_are_counted():
+    tok, model = byte_tokenizer("llama"), tiny_llama()
+    cfg = glue_cfg("sst2", max_length=100)
+    rows = sst2_rows(4)
+    rows[0]["sentence"] = "very long " * 20
+    examples = encode_for_eval(rows, cfg, "causal", tok)
+    longest = max(len(c) for c in examples[0]["choices"])
+    assert len(examples[0]["input_ids"]) + longest - 1 == 100
+    assert examples[0]["input_ids"][0] == tok.bos_token_id
+    assert tok.decode(examples[0]["input_ids"][1:]).endswith("positive or negative?\nAnswer:")
+    assert run(model, tok, examples, cfg, "causal")["truncated"] == 1
+
+
+@pytest.mark.parametrize(
+    ("task", "kind"),
+    [("causal", "glue"), ("causal", "instruction"), ("classification", "glue"), ("seq2seq", "glue")],
+)
+def test_left_and_right_padding_tokenizers_give_the_same_numbers(task, kind):
+    """Batches are always padded on the right by lrft, whatever the tokenizer's padding_side."""
+    style = {"classification": "roberta", "seq2seq": "t5"}.get(task, "llama")
+    make = {"classification": tiny_roberta, "seq2seq": tiny_t5}.get(task, tiny_llama)
+    cfg = glue_cfg("sst2", max_length=128) if kind == "glue" else instr_cfg()
+    rows = sst2_rows(7) if kind == "glue" else instr_rows(7)
+    results = []
+    for side in ("right", "left"):
+        tok = byte_tokenizer(style)
+        tok.padding_side = side
+        examples = encode_for_eval(rows, cfg, task, tok)
+        results.append(run(make(), tok, examples, cfg, task, batch_size=3))
+    assert results[0] == pytest.approx(results[1], abs=1e-6)
+
+
+def test_progress_callback_counts_every_example():
+    seen = []
+    tok, model = byte_tokenizer("llama"), tiny_llama()
+    cfg = glue_cfg("sst2")
+    examples = encode_for_eval(sst2_rows(5), cfg, "causal", tok)
+    evaluate_examples(model, tok, examples, cfg, "causal", 2, "cpu", on_batch=seen.append)
+    assert sum(seen) == pytest.approx(5)
+    seen.clear()
+    tok = byte_tokenizer("roberta")
+    cfg = glue_cfg("mrpc")
+    examples = encode_rows(mrpc_rows(5), cfg, "classification", tok)
+    evaluate_examples(tiny_roberta(), tok, examples, cfg, "classification", 2, "cpu", on_batch=seen.append)
+    assert seen == [2, 2, 1]
