@@ -96,6 +96,10 @@ def save_final(
     meta = {"method": method_config(method), "model": OmegaConf.to_container(cfg.model, resolve=True)}
     (tmp / "lrft.json").write_text(json.dumps(meta, indent=2))
     _commit(tmp, final)
+    from lrft.export import write_peft_adapter
+
+    # after the commit: a failed export must not cost the trained state (None for full / GaLore)
+    write_peft_adapter(model, method, cfg, run_dir / "adapter")
     return final
 
 

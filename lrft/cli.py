@@ -28,7 +28,8 @@ EXAMPLES = """\
 SUBCOMMANDS = {
     "train": "fine-tune a model: compose model/method/quantization/optimizer/dataset configs and run",
     "eval": "evaluate a run, a merged export or a base model on GLUE (official metrics) or MMLU",
-    "merge": "fold a run's adapter into the base weights and export a transformers folder (issue #5)",
+    "merge": "fold a run's trained state into the original base weights: a plain transformers folder",
+    "export": "write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it)",
 }
 
 
@@ -172,23 +173,29 @@ def _distributed_overrides(overrides: list[str]) -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
-def _later(issue: int, name: str) -> Callable[[list[str]], int]:
-    def cmd(argv: list[str]) -> int:
-        raise UserError(f"`lrft {name}` is not available in this version yet (tracked in issue #{issue}).")
-
-    return cmd
-
-
 def eval_cmd(argv: list[str]) -> int:
     from lrft.evaluate.cli import eval_main
 
     return eval_main(argv)
 
 
+def merge_cmd(argv: list[str]) -> int:
+    from lrft.merge import merge_main
+
+    return merge_main(argv)
+
+
+def export_cmd(argv: list[str]) -> int:
+    from lrft.export import export_main
+
+    return export_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_cmd,
     "eval": eval_cmd,
-    "merge": _later(5, "merge"),
+    "merge": merge_cmd,
+    "export": export_cmd,
 }
 
 

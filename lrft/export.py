@@ -1,0 +1,376 @@
+"""A run's adapter in PEFT's on-disk format, so ``peft.PeftModel.from_pretrained`` loads it without lrft.
+
+PEFT's LoRA computes ``base(x) + (α/r) · B A x`` from ``base_model.model.<module>.lora_A.weight``
+(r, k) and ``.lora_B.weight`` (d, r); modules trained in full are saved under their plain names
+(``base_model.model.classifier.dense.weight``) and listed in ``modules_to_save``. Every layer is
+written from ``LowRankLinear.export_factors()`` (A, B, scale, magnitude): factors relative to the
+ORIGINAL base, so PiSSA / LoRA-GA come out as plain LoRA of rank 2r and DoRA as ``use_dora`` with its
+magnitude vector. ``lora_alpha = scale · r`` with ``use_rslora=false`` keeps PEFT's α/r equal to the
+layer's scale whatever lrft's own scaling rule was.
+
+Also here: the output-folder rules ``lrft merge`` shares (staging, overwrite, free space).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import MISSING, OmegaConf
+from torch import nn
+
+from lrft.errors import EXIT_USAGE, UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+SHARD_DELAY_ENV = "LRFT_MERGE_SHARD_DELAY"  # test hook: seconds to sleep after each shard is written
+TASK_TYPES = {"causal": "CAUSAL_LM", "classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def say(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------- PEFT adapter
+
+
+def find_adapted(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from lrft.methods.layers import LowRankLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+
+
+def export_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+    """(A (r', k), B (d, r'), scale, DoRA magnitude or None) relative to the original base weight."""
+    fn = getattr(layer, "export_factors", None)
+    if fn is not None:
+        a, b, scale, magnitude = fn()
+    else:  # plain LoRA / LoRA-FA layers: the live factors are the export
+        a, b, scale, magnitude = layer.lora_A, layer.lora_B, layer.scale, None
+    a, b = a.detach().float().contiguous(), b.detach().float().contiguous()
+    if magnitude is None:
+        # the export must reproduce the layer exactly: a variant whose factors don't would be wrong silently
+        delta = layer.delta().float()
+        err = float((scale * (b @ a) - delta).abs().max())
+        if err > 1e-4 * max(1.0, float(delta.abs().max())):
+            raise UserError(f"{type(layer).__name__} factors do not reproduce its update (error {err:.3g}).")
+    magnitude = None if magnitude is None else magnitude.detach().float().contiguous().cpu()
+    return a.cpu(), b.cpu(), float(scale), magnitude
+
+
+def write_peft_adapter(
+    model: nn.Module, method: Any, cfg: Any, out_dir: str | Path, base_path: str | None = None
+) -> Path | None:
+    """Write ``out_dir`` (adapter_config.json + adapter_model.safetensors) for a LoRA-family run.
+
+    ``cfg`` is the run's composed config; ``base_path`` the base to name in the config (default: the
+    run's ``model.name_or_path``, or ``<output_dir>/base`` for a random-init model). Returns None,
+    writing nothing, for methods without low-rank layers (full fine-tuning, GaLore).
+    """
+    from safetensors.torch import save_file
+
+    layers = find_adapted(model)
+    if getattr(method, "full_weights", False) or not layers:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    dora = 0
+    for name, layer in layers:
+        a, b, scale, magnitude = export_factors(layer)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+        if magnitude is not None:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude
+            dora += 1
+        ranks[name], alphas[name] = a.shape[0], scale * a.shape[0]
+    if 0 < dora < len(layers):
+        raise UserError("PEFT's format cannot mix DoRA and plain LoRA layers in one adapter.")
+    saved = _modules_to_save(model, method, cfg, [n for n, _ in layers])
+    for module_path, params in saved.items():
+        for pname, value in params.items():
+            tensors[f"{PREFIX}{module_path}.{pname}"] = value.detach().contiguous().cpu()
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(a for n, a in alphas.items() if ranks[n] == r).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": TASK_TYPES[cfg.model.task],
+        "base_model_name_or_path": base_path or _base_path(cfg),
+        "revision": cfg.model.revision,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": float(getattr(method.cfg, "dropout", 0.0)),
+        "target_modules": _target_names(model, [n for n, _ in layers], list(saved)),
+        # layers that differ from the common rank / scale, by full module name (PEFT matches regexes)
+        "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha or ranks[n] != r},
+        "modules_to_save": sorted({_short(p, cfg, method) for p in saved}) or None,
+        "use_rslora": False,
+        "use_dora": dora > 0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    with staged_output(Path(out_dir), overwrite=True) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def _configured_to_save(method: Any, cfg: Any) -> list[str]:
+    names = getattr(method.cfg, "modules_to_save", None)
+    return list(names if names is not None else cfg.model.get("modules_to_save") or [])
+
+
+def _modules_to_save(
+    model: nn.Module, method: Any, cfg: Any, adapted: list[str]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Trained parameters outside the low-rank layers, grouped by the configured module they belong to."""
+    names = _configured_to_save(method, cfg)
+    modules = [n for n, _ in model.named_modules() if any(n == s or n.endswith("." + s) for s in names)]
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for pname, value in method.trainable_state_dict(model).items():
+        if any(pname.startswith(a + ".") for a in adapted):
+            continue
+        owner = max((m for m in modules if pname.startswith(m + ".")), key=len, default=None)
+        if owner is None:
+            raise UserError(
+                f"trained parameter {pname} is neither in a low-rank layer nor in modules_to_save "
+                f"({names}): PEFT's format cannot hold it."
+            )
+        out.setdefault(owner, {})[pname[len(owner) + 1 :]] = value
+    return out
+
+
+def _short(module_path: str, cfg: Any, method: Any) -> str:
+    names = _configured_to_save(method, cfg)
+    return next(s for s in names if module_path == s or module_path.endswith("." + s))
+
+
+def _target_names(model: nn.Module, adapted: list[str], saved: list[str]) -> list[str]:
+    """Last name components when they match exactly the adapted layers (as PEFT matches), else full names."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    hits = set()
+    for name, _ in model.named_modules():
+        if "base_layer" in name.split(".") or any(name == s or name.startswith(s + ".") for s in saved):
+            continue
+        if any(name == s or name.endswith("." + s) for s in suffixes):
+            hits.add(name)
+    return suffixes if hits == set(adapted) else sorted(adapted)
+
+
+def _base_path(cfg: Any) -> str | None:
+    if cfg.model.name_or_path:
+        return str(cfg.model.name_or_path)
+    out = OmegaConf.select(cfg, "output_dir", default=None)
+    return str(Path(out).resolve() / "base") if out else None
+
+
+# ---------------------------------------------------------------- output folders (shared with merge)
+
+
+def check_plain_keys(folder: Path) -> None:
+    """The written checkpoint must be a plain model: no adapter wrapper or factor names left."""
+    from safetensors import safe_open
+
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as fh:
+            bad = [k for k in fh.keys() if "base_layer" in k or "lora_" in k]  # noqa: SIM118
+        if bad:
+            raise UserError(f"internal error: merged checkpoint still has adapter keys, e.g. {bad[0]}")
+
+
+@contextmanager
+def shard_progress() -> Iterator[None]:
+    """Report each shard as ``save_pretrained`` writes it (and, for tests, pause after it)."""
+    import transformers.modeling_utils as mu
+
+    original: Callable[..., Any] | None = getattr(mu, "safe_save_file", None)
+    if original is None:  # another transformers layout: no progress lines, same result
+        yield
+        return
+    delay = float(os.environ.get(SHARD_DELAY_ENV) or 0)
+
+    def save(tensors: dict[str, torch.Tensor], filename: str, *args: Any, **kwargs: Any) -> Any:
+        result = original(tensors, filename, *args, **kwargs)
+        say(f"wrote shard {Path(filename).name}")
+        if delay:
+            time.sleep(delay)
+        return result
+
+    mu.safe_save_file = save
+    try:
+        yield
+    finally:
+        mu.safe_save_file = original
+
+
+def resolve_run(checkpoint: str | Path) -> Path:
+    """The run folder for ``checkpoint`` (RUN_DIR or RUN_DIR/final), checked to be finished."""
+    run_dir = Path(checkpoint).resolve()
+    if run_dir.name == "final" and (run_dir.parent / "config.yaml").is_file():
+        run_dir = run_dir.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{checkpoint} is not an lrft run folder (no config.yaml).")
+    if not (run_dir / "final" / "COMPLETE").is_file():
+        raise UserError(f"{run_dir} has no complete final state: did its training finish?")
+    return run_dir
+
+
+def refuse_overlap(output: Path, *protected: str | Path | None) -> None:
+    """An output that is, or holds, the run or the base would be replaced by what is read from it."""
+    for path in protected:
+        if path is not None and Path(path).exists():
+            path = Path(path).resolve()
+            if output == path or output in path.parents:
+                raise UserError(f"output {output} would replace {path}, which this command reads.")
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} exists and is not a folder.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"output {output} is not empty: choose another folder or set overwrite=true.")
+
+
+def check_free_space(output: Path, need: int) -> None:
+    """Refuse before writing when the output's disk cannot hold ``need`` bytes (plus a margin)."""
+    where = output
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need * 1.05 + (64 << 20):
+        raise UserError(
+            f"{where} has {free / 2**30:.1f} GiB free; the output needs about {need / 2**30:.1f} GiB."
+        )
+
+
+@contextmanager
+def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden sibling folder to write into; on success it replaces ``output`` in one rename.
+
+    On an exception it is removed; if the process is killed it stays hidden (and the next run
+    removes it), so ``output`` is never a half-written folder.
+    """
+    output = output.resolve()
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(output)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # contents on disk before the rename makes them visible
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        if output.exists():
+            os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_stale(output: Path) -> None:
+    """Staging folders of killed runs (their process is gone)."""
+    for path in output.parent.glob(f".{output.name}.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------- lrft export
+
+
+@dataclass
+class ExportJob:
+    checkpoint: str = MISSING  # the run folder (RUN_DIR, or RUN_DIR/final)
+    output: str = MISSING  # the folder to write the PEFT adapter into
+    overwrite: bool = False  # replace a non-empty output folder
+
+
+def compose_job(argv: list[str], name: str, schema: type) -> Any:
+    """Compose ``configs/<name>.yaml`` with ``key=value`` overrides, then type it with ``schema``.
+
+    The YAML needs no registered schema (any tool can compose it); unknown keys still fail in
+    Hydra's struct mode, with did-you-mean, and wrong types fail here.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lrft.config import compose
+
+    cfg = compose(argv, name)
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise UserError(f"Invalid value for {key}: {str(err).splitlines()[0]}") from None
+    for key in ("checkpoint", "output"):
+        if OmegaConf.is_missing(typed, key):
+            raise UserError(f"lrft {name} needs {key}=PATH: lrft {name} checkpoint=RUN_DIR output=OUT_DIR")
+    return OmegaConf.to_object(typed)
+
+
+def print_help(name: str) -> None:
+    """The command's config file is its reference: every key, its default and what it does."""
+    from lrft.config import config_dir
+
+    print(f"usage: lrft {name} checkpoint=RUN_DIR output=DIR [key=value ...]\n")
+    lines = (config_dir() / f"{name}.yaml").read_text().splitlines()
+    print("\n".join(x for x in lines if not x.startswith(("defaults:", "  - "))))
+
+
+def export_main(argv: list[str]) -> int:
+    """``lrft export``: Hydra-style ``key=value`` arguments; prints errors and returns 2 on bad input."""
+    if any(a in ("-h", "--help") for a in argv):
+        print_help("export")
+        return 0
+    try:
+        from lrft.checkpoint import load_run
+
+        job = compose_job(argv, "export", ExportJob)
+        run_dir = resolve_run(job.checkpoint)
+        output = Path(job.output).resolve()
+        refuse_overlap(output, run_dir)
+        check_output(output, job.overwrite)
+        run = load_run(run_dir)
+        base = run.cfg.model.name_or_path or str(run_dir / "base")
+        if write_peft_adapter(run.model, run.method, run.cfg, output, base_path=base) is None:
+            raise UserError(
+                f"method '{run.method.name}' trains the weights themselves: there is no adapter to export "
+                "(`lrft merge` writes the trained model)."
+            )
+    except UserError as err:
+        say(f"[bold red]error:[/] {err}")
+        return EXIT_USAGE
+    say(f"wrote PEFT adapter {output}")
+    return 0
