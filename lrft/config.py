@@ -303,15 +303,15 @@ def validate(cfg: DictConfig) -> None:
         return
     _check_keys(cfg)
     m, d, t = cfg.model, cfg.dataset, cfg.trainer
-    _one_of("model.task", m.task, TASKS)
-    _one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
-    _one_of("dataset.kind", d.kind, DATASET_KINDS)
+    one_of("model.task", m.task, TASKS)
+    one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
+    one_of("dataset.kind", d.kind, DATASET_KINDS)
     from lrft.optim import OPTIMIZERS
 
-    _one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
-    _one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
-    _one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
-    _one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
+    one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
+    one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
+    one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
     if m.name_or_path is None and m.from_config is None:
         raise UserError(f"model '{m.name}' has neither name_or_path nor from_config: set model.name_or_path.")
     if (m.task, d.kind) not in COMPATIBLE:
@@ -351,7 +351,8 @@ def _check_keys(cfg: DictConfig) -> None:
         raise UserError(f"Unknown config key '{sorted(extra)[0]}'.{did_you_mean(sorted(extra)[0], GROUPS)}")
 
 
-def _one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
+def one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    """Refuse ``key=value`` unless value is one of ``valid``, naming the closest."""
     if value not in valid:
         raise UserError(f"{key}={value!r} is not valid.{did_you_mean(str(value), valid)}")
 

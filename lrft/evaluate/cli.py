@@ -26,6 +26,7 @@ from lrft.config import (
     QuantizationConfig,
     compose,
     group_options,
+    one_of,
 )
 from lrft.errors import EXIT_USAGE, UserError, did_you_mean
 from lrft.evaluate.schema import KEYS_HELP, EvalConfig
@@ -256,9 +257,8 @@ def infer_task(name_or_path: str) -> str | None:
 
 def validate_eval(cfg: DictConfig) -> None:
     m, d = cfg.model, cfg.dataset
-    for key, value, valid in (("model.task", m.task, TASKS), ("dataset.kind", d.kind, DATASET_KINDS)):
-        if value not in valid:
-            raise UserError(f"{key}={value!r} is not valid.{did_you_mean(str(value), valid)}")
+    one_of("model.task", m.task, TASKS)
+    one_of("dataset.kind", d.kind, DATASET_KINDS)
     if (m.task, d.kind) not in EVAL_COMPATIBLE:
         works = "; ".join(f"{t} model + {k} data ({how})" for (t, k), how in EVAL_COMPATIBLE.items())
         raise UserError(

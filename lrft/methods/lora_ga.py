@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrft.errors import UserError, did_you_mean
+from lrft.config import one_of
+from lrft.errors import UserError
 from lrft.methods.base import ApplyContext
 from lrft.methods.layers import LowRankLinear
 from lrft.methods.lora import Lora, LoraConfig
@@ -129,9 +130,8 @@ class LoraGA(Lora):
     def validate(cls, root_cfg: Any) -> None:
         super().validate(root_cfg)
         m = root_cfg.method
-        for key, valid in (("direction", DIRECTIONS), ("init_scale", SCALES)):
-            if m[key] not in valid:
-                raise UserError(f"method.{key}={m[key]!r} is not valid.{did_you_mean(str(m[key]), valid)}")
+        one_of("method.direction", m.direction, DIRECTIONS)
+        one_of("method.init_scale", m.init_scale, SCALES)
         if m.init_batches < 1:
             raise UserError(f"method.init_batches must be >= 1, got {m.init_batches}.")
 
