@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "eval": "evaluate a run, a merged export or a base model on GLUE (official metrics) or MMLU",
     "merge": "fold a run's trained state into the original base weights: a plain transformers folder",
     "export": "write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it)",
+    "memory": "plan a run's memory (weights, gradients, optimizer, activations) without loading weights",
 }
 
 
@@ -191,11 +192,18 @@ def export_cmd(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def memory_cmd(argv: list[str]) -> int:
+    from lrft.memory_cli import memory_main
+
+    return memory_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_cmd,
     "eval": eval_cmd,
     "merge": merge_cmd,
     "export": export_cmd,
+    "memory": memory_cmd,
 }
 
 

@@ -45,8 +45,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The keep-mask scaled by 1/(1-p), regenerated identically from ``seed``."""
     gen = torch.Generator(device=like.device).manual_seed(seed)
-    keep = torch.empty(like.shape, device=like.device, dtype=like.dtype)
-    return keep.bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
+    # uniform draws compared with p: on CPU bernoulli_ was 28% of a LoRA step (the mask is drawn
+    # twice, forward and backward); rand + ge is several times cheaper and has P(keep) = 1 - p
+    keep = torch.rand(like.shape, generator=gen, device=like.device).ge_(p)
+    return keep.to(like.dtype).div_(1.0 - p)
 
 
 class LowRankFn(torch.autograd.Function):

@@ -1,0 +1,223 @@
+"""``lrft memory``: print a run's planned memory (see :mod:`lrft.memory_plan`) as a table.
+
+Takes ``lrft train``'s groups and keys (configs/memory.yaml composes them) plus a ``memory:``
+section. Any override may list values (``method=lora,lora_fa,full``): each combination becomes a
+column. ``method.*`` keys then apply to the methods that have them, and the output says which not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from itertools import islice, product
+from typing import Any
+
+from omegaconf import MISSING, DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from lrft.config import DatasetConfig, ModelConfig, OptimizerConfig, QuantizationConfig, TrainerConfig
+from lrft.errors import UserError
+
+MAX_COLUMNS = 8
+GIB = 1 << 30
+
+USAGE = """\
+lrft memory [group=option ...] [group.key=value ...]     plan memory without loading weights
+
+  lrft memory model=llama7b method=lora_fa quantization=nf4 trainer.batch_size=8 dataset.max_length=512
+  lrft memory method=lora,lora_fa,dora,galore,full        side by side
+  lrft memory memory.budget_gb=24                          largest micro-batch that fits in 24 GiB
+  lrft memory recipes=lora_fa/llama7b_alpaca               a recipe's memory
+
+Groups and keys are lrft train's (`lrft train --help`), plus memory.budget_gb and memory.target_length.
+Sizes are GiB (2^30 bytes). Activations are counted from a forward pass on PyTorch's meta device."""
+
+
+@dataclass
+class MemorySection:
+    budget_gb: float | None = None  # GiB per device: report the largest micro-batch that fits
+    target_length: int | None = None  # seq2seq decoder length; null: max_length (instruction) or 8
+
+
+@dataclass
+class MemoryConfig:
+    model: ModelConfig = MISSING
+    method: Any = MISSING
+    quantization: QuantizationConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    memory: MemorySection = field(default_factory=MemorySection)
+
+
+def compose_memory(overrides: list[str]) -> DictConfig:
+    """configs/memory.yaml composed with ``overrides`` (one option per group)."""
+    from hydra.core.config_store import ConfigStore
+
+    from lrft.config import compose
+
+    ConfigStore.instance().store(name="memory_schema", node=MemoryConfig)
+    return compose(overrides, "memory")
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """Every combination of the listed values (``key=a,b``), in order, at most MAX_COLUMNS."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # the override grammar's own message
+        raise UserError(f"Cannot parse the overrides {overrides}: {err}") from None
+    choices = []
+    for ov, text in zip(parsed, overrides, strict=True):
+        key = text.split("=", 1)[0]
+        choices.append(
+            [f"{key}={v}" for v in ov.sweep_string_iterator()] if ov.is_sweep_override() else [text]
+        )
+    combos = [list(c) for c in islice(product(*choices), MAX_COLUMNS + 1)]
+    if len(combos) > MAX_COLUMNS:
+        raise UserError(f"At most {MAX_COLUMNS} columns side by side: list fewer values.")
+    return combos
+
+
+def compose_column(combo: list[str], several_methods: bool) -> tuple[DictConfig, list[str]]:
+    """Compose one column; beside other methods, ``method.*`` keys it lacks are left out (and said)."""
+    from lrft.methods.registry import METHODS, get_method
+
+    notes: list[str] = []
+    if several_methods:
+        method_keys = [o for o in combo if o.lstrip("+").startswith("method.")]
+        name = compose_memory([o for o in combo if o not in method_keys]).method.name
+        get_method(name)
+        valid = {f.name for f in fields(METHODS[name].config)}
+        dropped = [o for o in method_keys if o.lstrip("+").split("=", 1)[0].split(".")[1] not in valid]
+        if dropped:
+            notes.append(f"{name}: {', '.join(o.split('=')[0] for o in dropped)} do not apply")
+        combo = [o for o in combo if o not in dropped]
+    cfg = compose_memory(combo)
+    from lrft.methods.registry import get_method as method_of
+
+    method_of(cfg.method.name).validate(cfg)  # e.g. full fine-tuning of a quantized base is refused
+    return cfg, notes
+
+
+def size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget: float | None) -> Table:
+    """One row per quantity, one column per planned configuration."""
+    first = columns[0][1]
+    gc_on = bool(cfg.trainer.gradient_checkpointing)
+    title = (
+        f"{cfg.model.name}: batch {first.batch_size} x {first.seq_len} tokens, "
+        f"model.dtype={cfg.model.dtype}, quantization={cfg.quantization.name}"
+    )
+    table = Table(title=title, caption=f"config: {source}", title_justify="left", caption_justify="left")
+    table.add_column("")
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    plans = [p for _, p in columns]
+
+    def row(name: str, cells: list[str], style: str | None = None) -> None:
+        table.add_row(name, *cells, style=style)
+
+    row(
+        "trainable params",
+        [f"{count(p.params_trainable)} ({p.params_trainable / p.params_total:.2%})" for p in plans],
+    )
+    order = {"base": 0, "adapter": 1, "buffers": 2}
+    weight_rows = sorted({k for p in plans for k in p.weights}, key=lambda k: (order[k.split()[0]], k))
+    for key in weight_rows:
+        row(f"weights: {key}", [size(p.weights[key]) if key in p.weights else "-" for p in plans])
+    row("gradients", [size(p.gradients) for p in plans])
+    row("optimizer state", [f"{size(p.optimizer)} {p.optimizer_name}" for p in plans])
+    layer_cells = []
+    for p in plans:
+        lay = p.activations.layers
+        lo, hi = (min(lay), max(lay)) if lay else (0, 0)
+        layer_cells.append(size(hi) if lo == hi else f"{size(lo)}-{size(hi)}")
+    row("saved per layer", layer_cells)
+    row("saved outside layers", [size(p.activations.outside) for p in plans])
+    for gc in (False, True):
+        on = gc == gc_on
+        suffix = ", checkpointed" if gc else ""
+        kept = [size(p.activations.checkpointed if gc else p.activations.total) for p in plans]
+        row(f"activations{suffix}", kept, "bold" if on else None)
+        row(f"step peak{suffix}", [size(p.peak[gc]) for p in plans], "bold" if on else None)
+        row(f"total{suffix}", [size(p.total(gc)) for p in plans], "bold green" if on else None)
+    if budget is not None:
+        for gc in (False, True):
+            fit = [str(p.fit.get(gc, "-")) for p in plans]
+            row(f"max batch in {budget:g} GiB" + (", checkpointed" if gc else ""), fit, "bold cyan")
+    return table
+
+
+FOOTER = (
+    "activations: what autograd keeps for backward (checkpointed: every layer's inputs plus one "
+    "layer recomputed), split into saved per layer and outside them. step peak: the most a forward "
+    "+ backward hold at once beyond weights and optimizer state (activations, gradients as backward "
+    "writes them, transients), simulated on the meta device. total = weights + optimizer state + "
+    "max(step peak, gradients); the CUDA context (~0.5 GiB), allocator rounding and fragmentation and "
+    "the optimizer step's temporaries come on top. GiB = 2^30 bytes. Bold: "
+    "trainer.gradient_checkpointing={gc}."
+)
+
+
+def memory_main(argv: list[str]) -> int:
+    """Entry point of ``lrft memory`` (key=value overrides, Hydra syntax)."""
+    from lrft.memory_plan import Planner
+
+    out = Console(width=None if Console().is_terminal else 200)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        out.print(USAGE, markup=False, highlight=False)
+        return 0
+    flags = [a for a in argv if a.startswith("-")]
+    if flags:
+        raise UserError(f"lrft memory takes key=value overrides only, not {flags[0]}.")
+    combos = expand(argv)
+    method_lists = [o for o in argv if o.split("=", 1)[0] == "method" and "," in o]
+    columns: list[tuple[str, Any]] = []
+    skipped: list[str] = []
+    notes: list[str] = []
+    cfg = source = None
+    labels = _labels(combos)
+    for combo, label in zip(combos, labels, strict=True):
+        try:
+            ccfg, cnotes = compose_column(combo, bool(method_lists))
+        except UserError as err:
+            if len(combos) == 1:
+                raise
+            skipped.append(f"{label}: {err}")
+            continue
+        planner = Planner(ccfg)
+        plan = planner.plan()
+        budget = ccfg.memory.budget_gb
+        if budget is not None:
+            plan.fit = {gc: planner.max_batch(plan, int(budget * GIB), gc) for gc in (False, True)}
+        label = label or str(ccfg.method.name)
+        notes += cnotes + [f"{label}: {n}" for n in plan.notes]
+        columns.append((label, plan))
+        cfg, source = cfg or ccfg, source or planner.config_source
+    if not columns:
+        raise UserError("No column could be planned:\n  " + "\n  ".join(skipped))
+    out.print(render(columns, cfg, source, cfg.memory.budget_gb))
+    out.print(FOOTER.format(gc=str(cfg.trainer.gradient_checkpointing).lower()), highlight=False)
+    for line in [*notes, *(f"not planned: {s}" for s in skipped)]:
+        out.print(f"- {line}", highlight=False, markup=False)
+    return 0
+
+
+def _labels(combos: list[list[str]]) -> list[str]:
+    """Column names: the values that differ between combinations ("": the method's name)."""
+    if len(combos) == 1:
+        return [""]
+    varying = [i for i in range(len(combos[0])) if len({c[i] for c in combos}) > 1]
+    return [" ".join(c[i].split("=", 1)[1] for i in varying) for c in combos]

@@ -1,0 +1,336 @@
+"""Plan a run's memory without its weights: the model is built on the META device from its config.
+
+The real model class, the real method (``apply`` injects the layers a run gets) and a real
+forward and backward pass run on meta (:mod:`lrft.memory_meta`) at no cost for any size; what they
+would allocate is counted exactly, not estimated from formulas:
+
+- activations: :func:`lrft.memory.activation_profile` records every tensor autograd keeps, by
+  storage and by layer, as the CPU measurement does (tests check that both agree);
+- the step's peak: :class:`lrft.memory.LiveBytes` follows every tensor a forward and backward
+  allocate until it is freed (activations, gradients, transients), with and without gradient
+  checkpointing (tests check it against the same count on CPU);
+- weights, gradients: the parameters of the adapted model, by dtype and ``requires_grad``;
+- optimizer state: the optimizer the method builds (its parameter groups) with each optimizer's
+  state layout (AdamW, SGD momentum, bitsandbytes 8-bit AdamW, GaLore's projected moments).
+
+bitsandbytes cannot run on meta, so a quantized base runs with its compute-dtype shapes and its
+storage is counted analytically (NF4/FP4: half a byte per weight plus block scales; int8: a byte
+plus one float32 scale per row). int8 matmuls keep their input outside ``save_for_backward``; a
+hook adds it. Not modelled: the CUDA context, allocator rounding and fragmentation, kernel
+workspaces, the optimizer step's temporaries, autocast's casts of a float32 model, padding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lrft.errors import UserError
+from lrft.memory import ActivationProfile, LiveBytes, activation_profile
+from lrft.memory_meta import GLUE_TARGET_TOKENS, build_meta_model, meta_forward, resolve_config
+
+
+def quantized_bytes(scheme: str, weight: torch.Tensor, double_quant: bool) -> int:
+    """Storage of one bitsandbytes-quantized weight (d, k), scales and code tables included."""
+    n = weight.numel()
+    if scheme == "int8":
+        return n + 4 * weight.shape[0]  # int8 values + one float32 scale (SCB) per output row
+    blocks = math.ceil(n / 64)  # 4-bit: blocks of 64 share an absmax scale
+    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 if double_quant else 4 * blocks
+    return math.ceil(n / 2) + scales + 4 * 16  # two weights a byte, scales, the 16-value code
+
+
+def _quantized_linears(model: nn.Module, mcfg: Any, qcfg: Any) -> dict[int, nn.Linear]:
+    """The linear layers bitsandbytes would quantize (everything but the skipped heads)."""
+    if qcfg.name == "none":
+        return {}
+    from lrft.quantization import skip_modules
+
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # older transformers matched by name suffix
+
+        def should_convert_module(name: str, patterns: list[str]) -> bool:
+            return not any(name == p or name.endswith("." + p) for p in patterns)
+
+    skip = skip_modules(mcfg)
+    return {
+        id(m): m
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and should_convert_module(name, skip)
+    }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's config name, from the object a method built (GaLore swaps AdamW for its own)."""
+    from lrft.optim import GaLoreAdamW
+
+    if isinstance(optimizer, GaLoreAdamW):
+        return "galore_adamw8bit" if optimizer.eight_bit else "galore_adamw"
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if isinstance(optimizer, torch.optim.AdamW):
+        return "adamw"
+    if type(optimizer).__name__ == "AdamW8bit":  # bitsandbytes, imported only when used
+        return "adamw8bit"
+    raise UserError(f"lrft memory has no state layout for {type(optimizer).__name__}.")
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of ``optimizer``'s state once every trainable parameter has taken a step.
+
+    Counted from the parameter groups and each optimizer's layout: torch AdamW two moments in the
+    parameter's dtype (its 0-d step counters live on the CPU), SGD one momentum buffer, bitsandbytes
+    8-bit AdamW one byte per moment value plus a float32 absmax per 256 (float32 moments for tensors
+    under 4096 values), GaLore (lrft.optim) float32 moments of the projected gradient plus the
+    projection, or 8-bit moments (same blocks) for galore_adamw8bit.
+    """
+    from lrft.optim import _side
+
+    name = optimizer_kind(optimizer)
+    total = 0
+    qmaps = False
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            n, size = p.numel(), p.element_size()
+            if name == "sgd":
+                total += n * size if group.get("momentum", 0) else 0
+            elif name == "adamw":
+                total += 2 * n * size
+            elif name == "adamw8bit":
+                qmaps = qmaps or n >= 4096
+                total += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n
+            elif name in ("galore_adamw", "galore_adamw8bit"):
+                moments = n
+                if "rank" in group and p.ndim == 2:
+                    m, k = p.shape
+                    r = min(group["rank"], m, k)
+                    left = _side(p.shape, group["proj_type"]) == "left"
+                    moments = r * k if left else m * r
+                    total += 4 * (m * r if left else r * k)  # the projection, float32
+                eight = name.endswith("8bit") and moments >= getattr(optimizer, "min_8bit_size", 4096)
+                # 8-bit: codes + float32 absmax per 256 + the int64 shape tensor, for each moment
+                total += 2 * (moments + 4 * math.ceil(moments / 256) + 16) if eight else 8 * moments
+    return total + (2 * 256 * 4 if qmaps else 0)  # bitsandbytes' two shared 256-value code maps
+
+
+@dataclass
+class Plan:
+    """One configuration's memory, in bytes.
+
+    ``activations``: what autograd keeps for backward, split by layer (no checkpointing) and as
+    checkpointing would keep it. ``peak``: the most that forward and backward hold at once beyond
+    weights and optimizer state (activations, the gradients backward writes, transients), from a
+    simulated step, without and with gradient checkpointing.
+    """
+
+    label: str
+    batch_size: int
+    seq_len: int
+    params_total: int
+    params_trainable: int
+    weights: dict[str, int]
+    gradients: int
+    optimizer: int
+    optimizer_name: str
+    activations: ActivationProfile
+    peak: dict[bool, int]
+    notes: list[str] = field(default_factory=list)
+    fit: dict[bool, int] = field(default_factory=dict)  # budget: largest micro-batch, by checkpointing
+
+    @property
+    def resident(self) -> int:
+        """Held through the whole step: weights and optimizer state."""
+        return sum(self.weights.values()) + self.optimizer
+
+    def total(self, checkpointing: bool) -> int:
+        return self.resident + max(self.peak[checkpointing], self.gradients)
+
+
+class Planner:
+    """Builds one composed config's model on meta once; plans it at any micro-batch size."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from lrft.data.load import num_labels
+
+        self.cfg = cfg
+        mcfg, qcfg = cfg.model, cfg.quantization
+        self.num_labels = num_labels(cfg.dataset)
+        self.hf_config, self.config_source = resolve_config(mcfg, self.num_labels)
+        self.notes: list[str] = []
+        self.model = self._build_and_apply()
+        linears = _quantized_linears(self.model, mcfg, qcfg)
+        self.quantized = {id(m.weight): m for m in linears.values()}
+        self.int8 = [m for m in linears.values() if qcfg.name == "int8"]
+        self.optimizer = self.method.build_optimizer(self.model, cfg.optimizer)
+        if cfg.trainer.mixed_precision != "no" and self.model.dtype == torch.float32:
+            self.notes.append(
+                f"trainer.mixed_precision={cfg.trainer.mixed_precision} on a float32 model: activations "
+                "are planned in float32; autocast's half-precision copies are not modelled."
+            )
+
+    def _build_and_apply(self) -> nn.Module:
+        from lrft.methods.base import ApplyContext
+        from lrft.methods.registry import get_method
+
+        cfg = self.cfg
+        self.method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
+        defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
+        model = build_meta_model(cfg.model, self.hf_config)
+        self.base_params = {id(p) for p in model.parameters()}  # the rest the method adds
+        try:  # the method's own init where it runs on meta (PiSSA's SVD does)
+            return self.method.apply(model, defaults, ApplyContext())
+        except (UserError, NotImplementedError, RuntimeError) as err:
+            # data-dependent inits (LoRA-GA's gradients) cannot: same layers, same shapes, no init
+            reason = str(err).splitlines()[0][:90]
+            self.notes.append(
+                f"init skipped on meta ({reason}); layers as a restored run's. An init that moves "
+                "the base also keeps B₀, A₀ (the adapters' size again)."
+            )
+            model = build_meta_model(cfg.model, self.hf_config)
+            self.base_params = {id(p) for p in model.parameters()}
+            return self.method.apply(model, defaults, ApplyContext(restoring=True))
+
+    def _batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        cfg, task = self.cfg, self.cfg.model.task
+        length = int(cfg.dataset.max_length)
+        ids = torch.zeros(batch_size, length, dtype=torch.long, device="meta")
+        if task == "causal":
+            return {"input_ids": ids, "labels": ids}
+        if task == "classification":
+            dtype = torch.float32 if self.num_labels == 1 else torch.long  # STS-B regresses
+            return {"input_ids": ids, "labels": torch.zeros(batch_size, dtype=dtype, device="meta")}
+        target = cfg.memory.target_length
+        if target is None:
+            target = length if cfg.dataset.kind == "instruction" else GLUE_TARGET_TOKENS
+        labels = torch.zeros(batch_size, int(target), dtype=torch.long, device="meta")
+        return {"input_ids": ids, "labels": labels}
+
+    def _int8_inputs(self, keep: Any) -> list[Any]:
+        """bitsandbytes' int8 matmul keeps its input as a ``ctx`` attribute: hand it to ``keep``."""
+
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            if torch.is_grad_enabled() and args[0].requires_grad:
+                keep(args[0], out)
+
+        return [m.register_forward_hook(hook) for m in self.int8]
+
+    def activations(self, batch_size: int) -> ActivationProfile:
+        batch = self._batch(batch_size)
+        with meta_forward():
+            return activation_profile(
+                self.model,
+                lambda: self.model(**batch).loss,
+                lambda rec: self._int8_inputs(lambda x, out: rec.add(x)),
+            )
+
+    def step_peak(self, batch_size: int, checkpointing: bool) -> int:
+        """Peak bytes of one forward + backward on meta (see :class:`lrft.memory.LiveBytes`)."""
+        model, batch = self.model, self._batch(batch_size)
+
+        def keep(x: torch.Tensor, out: torch.Tensor) -> None:
+            # as bitsandbytes' ctx does: the input lives as long as the matmul's autograd node
+            out.grad_fn.metadata["lrft_int8_input"] = x
+
+        handles = self._int8_inputs(keep)
+        if getattr(self.optimizer, "updates_in_backward", False) and not self.optimizer.state:
+            # layer-wise updates run inside backward: create their state first, as after step one,
+            # so the peak counts the update's transients but not the state (its own row)
+            with meta_forward():
+                model(**self._batch(1)).loss.backward()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            with meta_forward(), LiveBytes(model) as live:
+                model(**batch).loss.backward()
+        finally:
+            if checkpointing:
+                model.gradient_checkpointing_disable()
+            for h in handles:
+                h.remove()
+            for p in model.parameters():
+                p.grad = None
+        return live.peak
+
+    def weights(self) -> dict[str, int]:
+        q = self.cfg.quantization
+        out: dict[str, int] = defaultdict(int)
+        for p in self.model.parameters():
+            if id(p) in self.quantized:
+                out[f"base frozen {q.name} (+ scales)"] += quantized_bytes(q.name, p, q.double_quant)
+            else:
+                role = "base" if id(p) in self.base_params else "adapter"
+                state = "trainable" if p.requires_grad else "frozen"
+                out[f"{role} {state} {_dtype_name(p.dtype)}"] += p.numel() * p.element_size()
+        buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
+        if buffers:
+            out["buffers"] += buffers
+        return dict(out)
+
+    def gradients(self) -> int:
+        sizes = [p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad]
+        if getattr(self.optimizer, "updates_in_backward", False):
+            # layer-wise updates free each gradient inside backward: one exists at a time
+            self.notes.append("layer-wise updates: one gradient exists at a time.")
+            return max(sizes, default=0)
+        return sum(sizes)
+
+    def plan(self, batch_size: int | None = None) -> Plan:
+        batch_size = batch_size or int(self.cfg.trainer.batch_size)
+        params = list(self.model.parameters())
+        gradients = self.gradients()
+        return Plan(
+            label=str(self.cfg.method.name),
+            batch_size=batch_size,
+            seq_len=int(self.cfg.dataset.max_length),
+            params_total=sum(p.numel() for p in params),
+            params_trainable=sum(p.numel() for p in params if p.requires_grad),
+            weights=self.weights(),
+            gradients=gradients,
+            optimizer=optimizer_state_bytes(self.optimizer),
+            optimizer_name=optimizer_kind(self.optimizer),
+            activations=self.activations(batch_size),
+            peak={gc: self.step_peak(batch_size, gc) for gc in (False, True)},
+            notes=list(dict.fromkeys(self.notes)),
+        )
+
+    def max_batch(self, plan: Plan, budget: int, checkpointing: bool, limit: int = 1 << 16) -> int:
+        """The largest micro-batch (up to ``limit``) whose total fits ``budget`` bytes (0: none)."""
+        cache: dict[int, bool] = {}
+
+        def fits(b: int) -> bool:
+            if b not in cache:
+                peak = self.step_peak(b, checkpointing)
+                cache[b] = plan.resident + max(peak, plan.gradients) <= budget
+            return cache[b]
+
+        if not fits(1):
+            return 0
+        # the step grows about linearly with the batch: aim from 1 and 2, then bisect to be exact
+        t1, t2 = (self.step_peak(b, checkpointing) for b in (1, 2))
+        room = budget - plan.resident - t1
+        b = min(limit, 1 + room // (t2 - t1)) if t2 > t1 else limit
+        lo, hi = (b, None) if fits(b) else (1, b)
+        if hi is None:  # grow until it does not fit
+            step = 1
+            while lo < limit and fits(min(lo + step, limit)):
+                lo, step = min(lo + step, limit), step * 2
+            hi = min(lo + step, limit + 1)
+            if lo == limit:
+                return limit
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
