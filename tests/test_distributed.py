@@ -44,22 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], fault: str = "") -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "lrft",
-        "train",
-        *args,
-    ]
+def torchrun(args: list[str], fault: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "lrft", "train", *args]  # fmt: skip
     env = dict(os.environ, LRFT_FAULT=fault, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=cwd)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -114,29 +103,7 @@ def test_two_process_launch_writes_one_run_folder_and_resumes_exactly(tmp_path):
 
 
 def test_default_run_folder_is_shared_by_all_ranks(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "lrft",
-            "train",
-            *COMMON,
-            *data(tmp_path),
-            "trainer.max_steps=1",
-            "trainer.batch_size=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=tmp_path,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    proc = torchrun([*COMMON, *data(tmp_path), "trainer.max_steps=1", "trainer.batch_size=2"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "final" / "COMPLETE").exists() and (run_dir / ".hydra").is_dir()

@@ -20,9 +20,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from lrft.config import DataFiles, DatasetConfig
 from lrft.data import Collator, encode_rows
 from lrft.data.glue import GLUE_TASKS
-from lrft.evaluate import encode_for_eval, evaluate_examples, evaluate_model
+from lrft.evaluate import encode_for_eval, evaluate_model
 from lrft.evaluate.causal_glue import PROMPTS, prompt_text
-from lrft.evaluate.core import _wrong
+from lrft.evaluate.glue import wrong
 from lrft.evaluate.scoring import Request, continuation_requests, score, special_prefix, tokens_after
 from lrft.metrics import glue_metrics
 from lrft.models import byte_tokenizer
@@ -194,12 +194,12 @@ def test_seq2seq_glue_valid_generations_are_scored(monkeypatch):
     assert seen["max_new_tokens"] >= len("not_equivalent") + 1 and seen["do_sample"] is False
 
 
-def test_wrong_prediction_is_always_wrong():
+def test_wrong_prediction_is_alwayswrong():
     for task in ("mnli", "rte", "cola"):
         spec = GLUE_TASKS[task]
-        assert all(_wrong(ref, spec) != ref for ref in range(spec.num_labels))
+        assert all(wrong(ref, spec) != ref for ref in range(spec.num_labels))
     stsb = GLUE_TASKS["stsb"]
-    assert _wrong(4.0, stsb) == 0.0 and _wrong(1.0, stsb) == 5.0 and _wrong(2.5, stsb) == 0.0
+    assert wrong(4.0, stsb) == 0.0 and wrong(1.0, stsb) == 5.0 and wrong(2.5, stsb) == 0.0
 
 
 def test_seq2seq_instruction_loss():
@@ -362,11 +362,11 @@ def test_progress_callback_counts_every_example():
     tok, model = byte_tokenizer("llama"), tiny_llama()
     cfg = glue_cfg("sst2")
     examples = encode_for_eval(sst2_rows(5), cfg, "causal", tok)
-    evaluate_examples(model, tok, examples, cfg, "causal", 2, "cpu", on_batch=seen.append)
+    evaluate_model(model, tok, examples, cfg, "causal", 2, "cpu", on_batch=seen.append)
     assert sum(seen) == pytest.approx(5)
     seen.clear()
     tok = byte_tokenizer("roberta")
     cfg = glue_cfg("mrpc")
     examples = encode_rows(mrpc_rows(5), cfg, "classification", tok)
-    evaluate_examples(tiny_roberta(), tok, examples, cfg, "classification", 2, "cpu", on_batch=seen.append)
+    evaluate_model(tiny_roberta(), tok, examples, cfg, "classification", 2, "cpu", on_batch=seen.append)
     assert seen == [2, 2, 1]

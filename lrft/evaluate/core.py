@@ -1,7 +1,7 @@
 """Evaluate a model on encoded examples, streaming batch by batch.
 
-Training calls :func:`evaluate_model` every ``trainer.eval_every`` steps and ``lrft eval`` calls
-:func:`evaluate_examples` (the same code, with a progress callback), so the two can never disagree.
+Training calls :func:`evaluate_model` every ``trainer.eval_every`` steps and ``lrft eval`` calls it
+too (with a progress callback), so the two can never disagree.
 Only metric accumulators live between batches (a confusion matrix, sums), never logits, so memory
 is flat in the number of examples. Everything is greedy and in eval mode, hence deterministic.
 """
@@ -18,11 +18,9 @@ from lrft.data.collate import Collator
 from lrft.data.encode import encode_rows
 from lrft.data.glue import get_task
 from lrft.evaluate import causal_glue
-from lrft.evaluate.glue import classification, generate_labels, wrong
+from lrft.evaluate.glue import classification, generate_labels
 from lrft.evaluate.losses import token_loss
 from lrft.evaluate.scoring import OnBatch
-
-_wrong = wrong  # the name tests and older callers import
 
 
 def evaluate_model(
@@ -33,7 +31,8 @@ def evaluate_model(
     task: str,
     batch_size: int,
     device: str | torch.device,
-) -> dict[str, float]:
+    on_batch: OnBatch = None,
+) -> dict[str, Any]:
     """Metrics of ``model`` on ``examples`` (from :func:`encode_for_eval`), always with ``n``.
 
     - classification (GLUE): the task's official metrics (:func:`~lrft.metrics.glue_metrics`)
@@ -45,22 +44,9 @@ def evaluate_model(
     - seq2seq / causal on instruction data: token-weighted mean ``loss`` on the response tokens
       and its ``perplexity``.
 
+    ``on_batch(examples_done)`` is called after each batch (``lrft eval``'s progress bar).
     The model is put in eval mode and its training mode restored afterwards.
     """
-    return evaluate_examples(model, tokenizer, examples, dcfg, task, batch_size, device)
-
-
-def evaluate_examples(
-    model: nn.Module,
-    tokenizer: Any,
-    examples: list[dict[str, Any]],
-    dcfg: Any,
-    task: str,
-    batch_size: int,
-    device: str | torch.device,
-    on_batch: OnBatch = None,
-) -> dict[str, Any]:
-    """:func:`evaluate_model`, calling ``on_batch(examples_done)`` after each batch."""
     was_training = model.training
     model.eval()
     try:

@@ -20,7 +20,7 @@ from torch import nn
 
 from lrft.errors import UserError
 from lrft.evaluate import mmlu_data
-from lrft.evaluate.core import encode_for_eval, evaluate_examples
+from lrft.evaluate.core import encode_for_eval, evaluate_model
 from lrft.evaluate.mmlu import evaluate_mmlu
 
 console = Console(stderr=True)
@@ -66,7 +66,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
             for name, one, rows in splits:
                 examples = encode_for_eval(rows, one, task, tokenizer)
                 progress.start(name, len(examples))
-                metrics = evaluate_examples(
+                metrics = evaluate_model(
                     model, tokenizer, examples, one, task, cfg.batch_size, device, progress.advance
                 )
                 results[name] = {"n": metrics.pop("n"), "metrics": metrics}
