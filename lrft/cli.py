@@ -139,7 +139,7 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
             sys.exit(EXIT_USAGE)
         except Interrupted as stop:
             console.print(f"[bold yellow]{stop}[/]", highlight=False)
-            sys.exit(130)
+            sys.exit(stop.code)
 
     saved = sys.argv
     # flags first: Hydra's parser wants the overrides in one contiguous run

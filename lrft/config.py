@@ -105,7 +105,8 @@ class TrainerConfig:
     eval_every: int = 0  # 0: evaluate once at the end
     save_every: int = 0  # 0: only the final state
     seed: int = 42
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    # null: what the launcher set (accelerate launch --mixed_precision / its config file), else no
+    mixed_precision: str | None = None  # null | no | fp16 | bf16
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0  # 0 disables clipping
     lr_scheduler: str = "linear"  # linear | cosine | constant
@@ -309,7 +310,8 @@ def validate(cfg: DictConfig) -> None:
     from lrft.optim import OPTIMIZERS
 
     one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
-    one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
+    if t.mixed_precision is not None:
+        one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
     one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
     one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
     if m.name_or_path is None and m.from_config is None:

@@ -13,7 +13,11 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Training stopped by Ctrl-C or SIGTERM after saving what it could (exit code 130)."""
+    """Training stopped by Ctrl-C (exit code 130) or SIGTERM (143) after saving what it could."""
+
+    def __init__(self, message: str, code: int = 130) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def closest(word: str, options: Iterable[str], n: int = 3) -> list[str]:

@@ -175,7 +175,7 @@ class Planner:
         self.quantized = {id(m.weight): m for m in linears.values()}
         self.int8 = [m for m in linears.values() if qcfg.name == "int8"]
         self.optimizer = self.method.build_optimizer(self.model, cfg.optimizer)
-        if cfg.trainer.mixed_precision != "no" and self.model.dtype == torch.float32:
+        if cfg.trainer.mixed_precision not in (None, "no") and self.model.dtype == torch.float32:
             self.notes.append(
                 f"trainer.mixed_precision={cfg.trainer.mixed_precision} on a float32 model: activations "
                 "are planned in float32; autocast's half-precision copies are not modelled."

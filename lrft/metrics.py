@@ -150,6 +150,12 @@ class GlueMeter:
             raise ValueError(f"{self.spec.name} classes are 0..{k - 1}; got predictions {p} for labels {y}")
         np.add.at(self.confusion, (y, p), 1)
 
+    def merge(self, other: GlueMeter) -> None:
+        """Add another meter's examples (another process's share of the same evaluation)."""
+        self.confusion += other.confusion
+        self._preds.extend(other._preds)
+        self._labels.extend(other._labels)
+
     def compute(self) -> dict[str, float]:
         if self.spec.is_regression:
             p, y = np.frombuffer(self._preds), np.frombuffer(self._labels)

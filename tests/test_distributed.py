@@ -1,14 +1,11 @@
 """Real multi-process training on CPU (gloo, 2 processes via torchrun), in the normal suite."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun
 from safetensors.torch import load_file
 
 from lrft.config import compose
@@ -36,19 +33,6 @@ def data(tmp: Path) -> list[str]:
             w = words[i % 8]
             fh.write(json.dumps({"instruction": "Upper case.", "input": w, "output": w.upper()}) + "\n")
     return [f"dataset.data_files.train={path}", f"dataset.data_files.validation={path}"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args: list[str], fault: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "lrft", "train", *args]  # fmt: skip
-    env = dict(os.environ, LRFT_FAULT=fault, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=cwd)
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -161,9 +161,9 @@ def test_disk_full_stops_before_writing_and_loses_nothing(tmp_path, monkeypatch)
 @pytest.fixture
 def nan_at_micro_batch(monkeypatch):
     """The 9th forward (step 5's first micro-batch) returns a NaN loss."""
-    import lrft.train
+    import lrft.train.setup
 
-    real = lrft.train.load_model
+    real = lrft.train.setup.load_model
 
     def load(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -174,13 +174,13 @@ def nan_at_micro_batch(monkeypatch):
             if model.training:
                 calls["n"] += 1
                 if calls["n"] == 9:
-                    out.loss = out.loss * float("nan")
+                    out.logits = out.logits * float("nan")
             return out
 
         model.forward = poisoned
         return model
 
-    monkeypatch.setattr(lrft.train, "load_model", load)
+    monkeypatch.setattr(lrft.train.setup, "load_model", load)
 
 
 def test_nan_loss_stops_without_touching_good_checkpoints(tmp_path, nan_at_micro_batch):

@@ -89,6 +89,7 @@ def score_choices(
     batch_size: int,
     pad_id: int,
     on_batch: OnBatch = None,
+    merge: Any = None,
 ) -> dict[str, Any]:
     """Official metrics of the most likely answer word, ``truncated`` (prompts cut to fit) and the
     mean log-likelihood of the reference answer (``ref_logprob``)."""
@@ -106,7 +107,11 @@ def score_choices(
             pred = int(np.argmax(scores))
             ref_logprob += float(scores[int(ref)])
         meter.update([pred], [ref])
-    result: dict[str, Any] = meter.compute()
-    result["ref_logprob"] = ref_logprob / meter.n if meter.n else float("nan")
-    result["truncated"] = sum(1 for ex in examples if ex["truncated"])
+    truncated = sum(1 for ex in examples if ex["truncated"])
+    merged, sums = meter, {"ref_logprob": ref_logprob, "truncated": truncated}
+    if merge is not None:
+        merged, sums = merge(meter, sums)
+    result: dict[str, Any] = merged.compute()
+    result["ref_logprob"] = sums["ref_logprob"] / merged.n if merged.n else float("nan")
+    result["truncated"] = int(sums["truncated"])
     return result

@@ -21,6 +21,7 @@ from lrft.evaluate import causal_glue
 from lrft.evaluate.glue import classification, generate_labels
 from lrft.evaluate.losses import token_loss
 from lrft.evaluate.scoring import OnBatch
+from lrft.evaluate.shard import Shard
 
 
 def evaluate_model(
@@ -32,6 +33,7 @@ def evaluate_model(
     batch_size: int,
     device: str | torch.device,
     on_batch: OnBatch = None,
+    accelerator: Any = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``examples`` (from :func:`encode_for_eval`), always with ``n``.
 
@@ -45,6 +47,8 @@ def evaluate_model(
       and its ``perplexity``.
 
     ``on_batch(examples_done)`` is called after each batch (``lrft eval``'s progress bar).
+    With ``accelerator`` (several processes), each process scores every W-th batch and the tallies
+    merge: every process returns the metrics of the whole set (see :mod:`lrft.evaluate.shard`).
     The model is put in eval mode and its training mode restored afterwards.
     """
     was_training = model.training
@@ -53,21 +57,24 @@ def evaluate_model(
         with torch.no_grad():
             if not examples:
                 return {"n": 0}
+            shard = Shard(accelerator)
+            size = max(1, int(batch_size))
             if dcfg.kind == "glue" and task == "causal":
                 spec = get_task(dcfg.subset)
                 pad = _pad_id(tokenizer)
-                result = causal_glue.score_choices(model, examples, spec, batch_size, pad, on_batch)
+                mine = [ex for i, ex in enumerate(examples) if shard.mine(i // size)]
+                result = causal_glue.score_choices(model, mine, spec, size, pad, on_batch, shard.merge)
             else:
                 collate = Collator(tokenizer, task, with_refs=True)
-                batches = _batches(examples, collate, batch_size, device, on_batch)
+                batches = _batches(examples, collate, size, device, on_batch, shard)
                 if dcfg.kind == "glue":
                     spec = get_task(dcfg.subset)
                     if task == "classification":
-                        result = classification(model, batches, spec)
+                        result = classification(model, batches, spec, shard.merge)
                     else:
-                        result = generate_labels(model, tokenizer, batches, spec)
+                        result = generate_labels(model, tokenizer, batches, spec, shard.merge)
                 else:
-                    result = token_loss(model, batches, task)
+                    result = token_loss(model, batches, task, shard.merge)
     finally:
         model.train(was_training)
     result["n"] = len(examples)
@@ -92,10 +99,13 @@ def _batches(
     batch_size: int,
     device: str | torch.device,
     on_batch: OnBatch = None,
+    shard: Shard | None = None,
 ) -> Iterator[tuple[dict[str, Any], list[Any] | None]]:
-    """(tensors on ``device``, the reference labels or None) for each batch, in order."""
+    """(tensors on ``device``, the reference labels or None) for each of this process's batches."""
     size = max(1, int(batch_size))
-    for start in range(0, len(examples), size):
+    for index, start in enumerate(range(0, len(examples), size)):
+        if shard is not None and not shard.mine(index):
+            continue
         chunk = examples[start : start + size]
         batch = collate(chunk)
         refs = batch.pop("refs", None)

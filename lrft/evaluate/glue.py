@@ -5,7 +5,7 @@ Both stream: each batch's predictions go into a :class:`~lrft.metrics.GlueMeter`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.nn.functional as F
@@ -13,16 +13,18 @@ from torch import nn
 
 from lrft.data.glue import TaskSpec, label_words, parse_generation
 from lrft.evaluate.losses import seq2seq_loss_sum
+from lrft.evaluate.shard import Sums, no_merge
 from lrft.metrics import GlueMeter
 
 Batches = Iterable[tuple[dict[str, Any], list[Any] | None]]
+Merge = Callable[[GlueMeter | None, Sums], tuple[GlueMeter | None, Sums]]
 
 _GEN_SLACK = 2  # extra new tokens beyond the longest label word, so a near-miss still ends
 
 
-def classification(model: nn.Module, batches: Batches, spec: TaskSpec) -> dict:
+def classification(model: nn.Module, batches: Batches, spec: TaskSpec, merge: Merge = no_merge) -> dict:
     """Official metrics from the head's argmax (its value for STS-B), plus the mean ``loss``
-    (cross-entropy, or MSE for regression)."""
+    (cross-entropy, or MSE for regression). ``merge`` combines the tallies of every process."""
     meter = GlueMeter(spec.name)
     loss_sum = 0.0
     for batch, _ in batches:
@@ -35,12 +37,16 @@ def classification(model: nn.Module, batches: Batches, spec: TaskSpec) -> dict:
         else:
             loss_sum += F.cross_entropy(logits, gold, reduction="sum").item()
             meter.update(logits.argmax(dim=-1).tolist(), gold.tolist())
-    result: dict[str, Any] = meter.compute()
-    result["loss"] = loss_sum / meter.n if meter.n else float("nan")
+    merged, sums = merge(meter, {"loss": loss_sum})
+    assert merged is not None
+    result: dict[str, Any] = merged.compute()
+    result["loss"] = sums["loss"] / merged.n if merged.n else float("nan")
     return result
 
 
-def generate_labels(model: nn.Module, tokenizer: Any, batches: Batches, spec: TaskSpec) -> dict:
+def generate_labels(
+    model: nn.Module, tokenizer: Any, batches: Batches, spec: TaskSpec, merge: Merge = no_merge
+) -> dict:
     """Greedy generation mapped back to labels. A generation that is no label counts as wrong
     and in ``invalid``; ``loss`` is the teacher-forced token loss on the label words."""
     words = label_words(spec)
@@ -71,10 +77,12 @@ def generate_labels(model: nn.Module, tokenizer: Any, batches: Batches, spec: Ta
                 pred = wrong(ref, spec)
             preds.append(pred)
         meter.update(preds, refs)
-    result: dict[str, Any] = meter.compute()
-    result["invalid"] = invalid
-    if tokens:
-        result["loss"] = loss_sum / tokens
+    merged, sums = merge(meter, {"invalid": invalid, "loss": loss_sum, "tokens": tokens})
+    assert merged is not None
+    result: dict[str, Any] = merged.compute()
+    result["invalid"] = int(sums["invalid"])
+    if sums["tokens"]:
+        result["loss"] = sums["loss"] / sums["tokens"]
     return result
 
 

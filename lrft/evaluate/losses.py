@@ -13,8 +13,11 @@ from torch import nn
 from lrft.data.collate import IGNORE_INDEX
 
 
-def token_loss(model: nn.Module, batches: Iterable[tuple[dict[str, Any], Any]], task: str) -> dict:
-    """Token-weighted mean loss over every label token, and its perplexity."""
+def token_loss(
+    model: nn.Module, batches: Iterable[tuple[dict[str, Any], Any]], task: str, merge: Any = None
+) -> dict:
+    """Token-weighted mean loss over every label token, and its perplexity. ``merge`` combines
+    the sums of every process (see :mod:`lrft.evaluate.shard`)."""
     loss_sum, tokens = 0.0, 0
     for batch, _ in batches:
         label_ids = batch.pop("labels")
@@ -24,6 +27,9 @@ def token_loss(model: nn.Module, batches: Iterable[tuple[dict[str, Any], Any]], 
         else:
             s, t = seq2seq_loss_sum(model, batch, label_ids)
         loss_sum, tokens = loss_sum + s, tokens + t
+    if merge is not None:
+        _, sums = merge(None, {"loss": loss_sum, "tokens": tokens})
+        loss_sum, tokens = sums["loss"], int(sums["tokens"])
     loss = loss_sum / tokens if tokens else float("nan")
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
 

@@ -1,0 +1,89 @@
+"""What happens around steps: logging (one host sync per log interval), evaluation, saving."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lrft.evaluate import evaluate_model
+from lrft.progress import TrainProgress
+from lrft.resume import save_checkpoint
+from lrft.train.state import TrainState
+from lrft.train.step import StepResult
+
+
+class Logger:
+    """metrics.jsonl, the trackers and the progress bar. Between log intervals the step results
+    accumulate as device tensors; :meth:`flush` reduces them over ranks with one host sync."""
+
+    def __init__(self, accelerator: Any, run_dir: Path, tcfg: Any, progress: TrainProgress) -> None:
+        self.acc, self.t, self.progress = accelerator, tcfg, progress
+        self.file = run_dir / "metrics.jsonl"
+        self.main = accelerator.is_main_process
+        self._zero()
+
+    def _zero(self) -> None:
+        dev = self.acc.device
+        # loss sum, loss tokens, real tokens, padded positions
+        self.window = torch.zeros(4, dtype=torch.float64, device=dev)
+        self.tick = time.perf_counter()
+
+    def add(self, res: StepResult) -> None:
+        self.window += torch.stack([res.loss_sum, res.count, res.real_tokens, res.padded_tokens]).double()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.main:
+            with self.file.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if self.t.report_to:
+                self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def flush(self, state: TrainState, lr: float, scale: float | None) -> None:
+        """The token-weighted train loss since the last flush, over every rank."""
+        stats = self.acc.reduce(self.window.clone(), "sum") if self.acc.num_processes > 1 else self.window
+        loss_sum, count, real, padded = stats.tolist()
+        elapsed = max(time.perf_counter() - self.tick, 1e-9)
+        state.last_loss = loss_sum / count if count else float("nan")
+        step = state.pos.step
+        record = {
+            "step": step,
+            "epoch": round(step / state.steps_per_epoch, 4),
+            "loss": state.last_loss,
+            "lr": lr,
+            "tokens_per_s": real / elapsed,
+            "padding": 1 - real / padded if padded else 0.0,
+        }
+        if state.skipped:
+            record["skipped_steps"] = state.skipped
+        if scale is not None:
+            record["loss_scale"] = scale
+            record["overflow_steps"] = state.overflow
+        self.write(record)
+        self.progress.update(step, loss=state.last_loss, lr=lr, tps=record["tokens_per_s"])
+        self._zero()
+
+
+def run_eval(accelerator: Any, model: Any, tokenizer: Any, examples: list, cfg: DictConfig) -> dict[str, Any]:
+    t = cfg.trainer
+    unwrapped = accelerator.unwrap_model(model)
+    bs = t.eval_batch_size or t.batch_size
+    # split across processes and merged: every rank gets the whole set's metrics
+    return evaluate_model(
+        unwrapped, tokenizer, examples, cfg.dataset, cfg.model.task, bs, accelerator.device,
+        accelerator=accelerator,
+    )  # fmt: skip
+
+
+def save(accelerator: Any, run_dir: Path, state: TrainState, cfg: DictConfig, setup: Any) -> str | None:
+    """A checkpoint of the last completed step (every rank calls this: it holds collectives)."""
+    assert state.snapshot is not None
+    pos, rng = state.snapshot
+    path = save_checkpoint(
+        accelerator, run_dir, pos, rng, cfg, setup.method, setup.model, setup.optimizer, setup.scheduler
+    )
+    return str(path) if path is not None else state.last_ckpt

@@ -1,0 +1,189 @@
+"""Everything before the first step, in the order a reader asks about it:
+
+accelerator (precision, processes) -> data -> model on its device -> method -> loader, prepare ->
+schedule length (measured after prepare) -> optimizer and scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lrft.data import Collator, encode_rows, load_rows, num_labels
+from lrft.errors import UserError
+from lrft.methods import get_method
+from lrft.methods.base import ApplyContext
+from lrft.models import count_parameters, load_model, load_tokenizer, quantize
+from lrft.resume import find_checkpoint
+from lrft.train.policy import resolve_precision
+from lrft.train.state import EpochSampler
+
+PACKAGES = ("lrft", "torch", "transformers", "accelerate", "datasets", "hydra-core", "bitsandbytes", "peft")
+HALF = (torch.float16, torch.bfloat16)
+
+
+def make_accelerator(cfg: DictConfig, run_dir: Path) -> Any:
+    """One Accelerator per run. Accumulation is done by the step (token-weighted over the window),
+    so accelerate's own loss division by ``gradient_accumulation_steps`` stays off."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    t = cfg.trainer
+    precision = resolve_precision(t.mixed_precision)
+    AcceleratorState._reset_state()  # a second run in one process may use another precision
+    acc = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=1,
+        cpu=t.cpu,
+        log_with=t.report_to,
+        project_dir=str(run_dir),
+    )
+    if precision == "fp16" and acc.scaler is None:
+        # accelerate runs fp16 only on accelerators; torch's CPU autocast and GradScaler do the same
+        # arithmetic, so fp16 runs (and is tested) on CPU through the same code path. Before
+        # prepare: the prepared optimizer steps through this scaler.
+        acc.scaler = torch.amp.GradScaler(acc.device.type)
+        acc.native_amp = True  # lets accelerate unscale gradients before clipping
+    return acc
+
+
+def write_run_files(cfg: DictConfig, run_dir: Path, overrides: list[str], accelerator: Any) -> None:
+    """The resolved config, the overrides, package versions and how the run actually ran."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    info = {
+        "command": " ".join(["lrft", *sys.argv[1:]]) if sys.argv else None,
+        "overrides": overrides,
+        "versions": versions,
+        "python": platform.python_version(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "mixed_precision": accelerator.mixed_precision,
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "device": str(accelerator.device),
+    }
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+@dataclass
+class Setup:
+    """What the loop works with; built by :func:`setup`."""
+
+    model: nn.Module
+    method: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    sampler: EpochSampler
+    eval_examples: list[dict[str, Any]]
+    total: int
+    steps_per_epoch: int
+    grad_accum: int
+    trainable_params: int
+    total_params: int
+    resume_from: Path | None
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any, total: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = tcfg.warmup_steps or round(tcfg.warmup_ratio * total)
+    kind = "constant_with_warmup" if tcfg.lr_scheduler == "constant" else tcfg.lr_scheduler
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
+    from torch.utils.data import DataLoader
+
+    t, task = cfg.trainer, cfg.model.task
+    main = accelerator.is_main_process
+    # data first: a bad file should fail before a large model is loaded
+    tokenizer = load_tokenizer(cfg.model)
+    train_ex = encode_rows(load_rows(cfg.dataset, "train"), cfg.dataset, task, tokenizer)
+    eval_ex = encode_rows(load_rows(cfg.dataset, "eval"), cfg.dataset, task, tokenizer)
+
+    random_init = cfg.model.name_or_path is None
+    model = load_model(cfg.model, num_labels(cfg.dataset), qcfg=None if random_init else cfg.quantization)
+    if random_init:
+        if main:  # the base exists nowhere else: keep it in full precision, to reload and merge the run
+            model.save_pretrained(run_dir / "base")
+            tokenizer.save_pretrained(run_dir / "base")
+        model = quantize(model, cfg.model, cfg.quantization)
+    if not cfg.model.device_map:
+        # on the device BEFORE the method: data-aware inits (PiSSA's SVD, LoRA-GA's gradient
+        # probes) then run on the GPU, not the host
+        model = model.to(accelerator.device)
+    method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
+    _refuse_unsupported(method, model, accelerator)
+    defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
+    collate = Collator(tokenizer, task)
+
+    def calibration() -> Iterator[dict[str, Any]]:
+        device = next(model.parameters()).device
+        for batch in DataLoader(train_ex, batch_size=t.batch_size, shuffle=False, collate_fn=collate):
+            batch.pop("refs", None)
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    resume_from = find_checkpoint(run_dir, t.resume) if t.resume else None
+    ctx = ApplyContext(calibration=calibration, accelerator=accelerator, restoring=resume_from is not None)
+    model = method.apply(model, defaults, ctx)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # no KV cache while training: it only costs memory
+    n_train, n_total = count_parameters(model)
+
+    sampler = EpochSampler(len(train_ex), t.seed)
+    # its own generator: creating an iterator then draws no number from the global RNG (dropout)
+    gen = torch.Generator().manual_seed(t.seed)
+    loader = DataLoader(train_ex, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, generator=gen)
+    optimizer = method.build_optimizer(model, cfg.optimizer)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # measured on the sharded loader: N processes with the same global batch take as many steps as
+    # one; a last, shorter accumulation window still makes a step
+    steps_per_epoch = max(1, math.ceil(len(loader) / t.grad_accum))
+    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(steps_per_epoch * t.epochs))
+    scheduler = build_scheduler(optimizer, t, total)
+    return Setup(
+        model, method, tokenizer, optimizer, scheduler, loader, sampler, eval_ex,
+        total, steps_per_epoch, t.grad_accum, n_train, n_total, resume_from,
+    )  # fmt: skip
+
+
+def _refuse_unsupported(method: Any, model: nn.Module, accelerator: Any) -> None:
+    """Combinations that would train wrongly without an error; refused with what works."""
+    layerwise = getattr(getattr(method, "cfg", None), "layerwise", False)
+    if layerwise and accelerator.num_processes > 1:
+        raise UserError(
+            "layer-wise GaLore (method.layerwise=true) updates each weight inside backward, before "
+            "DDP has averaged its gradient across processes, so ranks would diverge. Use "
+            "method.layerwise=false with several processes, or train layer-wise in one process."
+        )
+    if getattr(method, "full_weights", False):
+        half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in HALF})
+        if half:
+            raise UserError(
+                f"method={method.name} trains every weight, and this base is stored in {', '.join(half)}: "
+                "optimizer updates would round away in half precision (no fp32 master weights). Load it "
+                "in float32 (model.dtype=float32) and let mixed precision compute in half "
+                "(trainer.mixed_precision=bf16), or use a low-rank method (lora, lora_fa)."
+            )

@@ -1,0 +1,127 @@
+"""One optimizer step's forward and backward: the loss is token-weighted over the GLOBAL batch.
+
+For a step over micro-batches m (on every rank r) with per-token losses ℓ:
+
+    loss(step) = Σ_r Σ_m Σ_{t ∈ loss tokens} ℓ_t  /  N,   N = number of loss tokens of the step
+
+(for classification and regression a "token" is an example). A per-micro-batch mean, averaged over
+micro-batches and ranks, weighs a token of a short batch more than one of a long batch, so the
+update would change with how the global batch is split (accumulation, ranks, packing). Here every
+rank counts its tokens for the whole window first, one all-reduce gives N, and each micro-batch
+backpropagates ``sum · world / N``: DDP's gradient average then yields exactly Σ/N.
+
+Everything stays on the device: no host synchronisation per micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrft import faults
+
+IGNORE_INDEX = -100
+
+
+def loss_count(batch: dict[str, Any], task: str) -> torch.Tensor:
+    """How many terms the loss of ``batch`` sums: predicted label tokens, or examples."""
+    labels = batch["labels"]
+    if task == "classification":
+        return torch.tensor(labels.shape[0], device=labels.device)
+    if task == "causal":  # the first position predicts nothing: labels shift left by one
+        labels = labels[:, 1:]
+    return (labels != IGNORE_INDEX).sum()
+
+
+def loss_sum(model: nn.Module, batch: dict[str, Any], task: str, decoder_inputs: Callable | None = None):
+    """Summed (not averaged) float32 loss of one micro-batch.
+
+    ``decoder_inputs(labels)`` builds a seq2seq model's decoder inputs (T5 shifts right); the
+    model computes no loss of its own, so nothing is reduced twice.
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if task == "seq2seq":
+        if decoder_inputs is not None:
+            inputs["decoder_input_ids"] = decoder_inputs(labels=labels)
+        else:  # models that only shift labels inside forward
+            inputs["labels"] = labels
+    logits = model(**inputs).logits
+    if task == "classification":
+        if logits.shape[-1] == 1:  # regression (STS-B): squared error, as transformers' MSELoss
+            return ((logits.squeeze(-1).float() - labels.float()) ** 2).sum()
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+    if task == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+@dataclass
+class StepResult:
+    """Device tensors; nothing here has been synchronised to the host."""
+
+    loss_sum: torch.Tensor  # this rank's summed loss over the window (non-finite included)
+    count: torch.Tensor  # this rank's loss tokens
+    real_tokens: torch.Tensor  # this rank's non-pad input tokens (throughput)
+    padded_tokens: torch.Tensor  # this rank's input positions, pad included
+    bad: torch.Tensor  # this rank saw a non-finite loss (0./1.)
+
+
+def forward_backward(
+    accelerator: Any,
+    model: nn.Module,
+    window: list[dict[str, Any]],
+    task: str,
+    *,
+    decoder_inputs: Callable | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    step: int = 0,
+) -> StepResult:
+    """Forward and backward every micro-batch of one optimizer step (gradients accumulate).
+
+    Backward always runs, also on a batch whose loss is not finite (it contributes zero): every
+    rank then joins every gradient all-reduce, and the step policy decides for all ranks at once.
+    """
+    device = accelerator.device
+    world = accelerator.num_processes
+    count = torch.stack([loss_count(b, task) for b in window]).sum().to(device)
+    total = accelerator.reduce(count.clone(), "sum") if world > 1 else count
+    scale = world / total.clamp(min=1).float()
+    backward = backward or accelerator.backward
+    acc = torch.zeros((), dtype=torch.float32, device=device)
+    bad = torch.zeros((), dtype=torch.float32, device=device)
+    real = torch.zeros((), dtype=torch.long, device=device)
+    padded = torch.zeros((), dtype=torch.long, device=device)
+    nan_fault = faults.armed("nan_loss_at_step", step + 1, accelerator.process_index)
+    for i, batch in enumerate(window):
+        # gradients are all-reduced once per step, on the last micro-batch
+        sync = nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
+        with sync:
+            with autocast():
+                s = loss_sum(model, batch, task, decoder_inputs)
+            if nan_fault:
+                s = s * float("nan")
+            finite = torch.isfinite(s)
+            bad = torch.maximum(bad, (~finite).float())
+            backward(torch.where(finite, s, torch.zeros_like(s)) * scale)
+        acc += s.detach()
+        mask = batch.get("attention_mask")
+        ids = batch["input_ids"]
+        real += mask.sum() if mask is not None else ids.numel()
+        padded += ids.numel()
+    if faults.armed("grad_inf_at_step", step + 1, accelerator.process_index):
+        p = next(p for p in model.parameters() if p.grad is not None)
+        p.grad.view(-1)[0] = float("inf")
+    return StepResult(acc, count, real, padded, bad)
