@@ -6,10 +6,12 @@ direction "ArB2r": A = V[:, :r]ᵀ, B = U[:, r:2r]; its "stable" scale multiplie
 d_out^¼ / √γ. The base is offset by s·B·A so the output is unchanged, like PiSSA.
 
 Memory: no weight gets a ``.grad``. A probe on each adapted layer's output takes G = gᵀx in
-backward, adds it to that layer's accumulator (kept on the CPU when the model is on an accelerator)
-and drops it, so the device holds one layer's full gradient at a time beyond the frozen model and
-the activations. A quantized base works the same way (G is w.r.t. the dequantized weight); its
-offset is applied to the dequantized weight, which is then re-quantized, as the official code does.
+backward and adds it to that layer's float32 accumulator on the model's device (only targeted
+layers have one). Probes keep their layer's input for backward, so with gradient checkpointing
+available the estimate runs checkpointed: inputs are recomputed one decoder layer at a time
+instead of all being held at once. Several processes split the calibration batches and sum.
+A quantized base works the same way (G is w.r.t. the dequantized weight); its offset is applied
+to the dequantized weight, which is then re-quantized, as the official code does.
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ class _Probe(torch.autograd.Function):
 def estimate_gradients(
     model: nn.Module, layers: dict[str, nn.Module], batches: Any, n_batches: int
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Mean ∂L/∂W (float32, (d, k)) of each layer in ``layers`` over up to ``n_batches`` batches."""
-    device = next(model.parameters()).device
-    store = torch.device("cpu") if device.type != "cpu" else device  # one layer's G on the device at a time
+    """Summed ∂L/∂W (float32, (d, k)) of each layer in ``layers`` over up to ``n_batches`` batches,
+    and how many batches were seen (the caller divides: across processes, by the global count)."""
+    store = next(model.parameters()).device
     acc: dict[str, torch.Tensor] = {}
     anchor = torch.zeros((), requires_grad=True)  # the only leaf needing grad: backward reaches the probes
 
@@ -83,6 +85,9 @@ def estimate_gradients(
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
     was_training, seen = model.training, 0
+    checkpointed = getattr(model, "is_gradient_checkpointing", True)
+    if not checkpointed and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)  # adapters too: no .grad may be left behind for the first step
     # the training loss's gradient, dropout included (seeded, so repeatable); train mode also keeps
@@ -97,8 +102,10 @@ def estimate_gradients(
             h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
+        if not checkpointed and getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
         model.train(was_training)
-    return {n: g / max(seen, 1) for n, g in acc.items()}, seen
+    return acc, seen
 
 
 def ga_factors(
@@ -142,25 +149,43 @@ class LoraGA(Lora):
                 "run it through `lrft train`, or pass ApplyContext(calibration=...) to apply()."
             )
         c, start = self.cfg, time.perf_counter()
+        acc = ctx.accelerator
+        world = getattr(acc, "num_processes", 1) if acc is not None else 1
+        rank = getattr(acc, "process_index", 0) if acc is not None else 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         bases = {n: layer.base_layer for n, layer in layers.items()}
-        grads, seen = estimate_gradients(model, bases, ctx.calibration(), c.init_batches)
+        # each process probes its share of the init_batches (rank, rank + W, ...), then they sum
+        mine = islice(ctx.calibration(), rank, None, world)
+        share = len(range(rank, c.init_batches, world))
+        grads, seen = estimate_gradients(model, bases, mine, share)
+        if world > 1:
+            seen = int(acc.reduce(torch.tensor(float(seen), device=acc.device), "sum").item())
         if seen == 0:
             raise UserError("LoRA-GA got no calibration batch: the training set is empty.")
         estimated = time.perf_counter()
-        acc = ctx.accelerator
-        world = getattr(acc, "num_processes", 1) if acc is not None else 1
         for name, layer in layers.items():
-            grad = grads.pop(name).to(layer.lora_A.device)  # one full gradient on the device at a time
+            grad = (
+                grads.pop(name)
+                if name in grads
+                else torch.zeros_like(layer.base_layer.weight, dtype=torch.float32)
+            )
+            grad = grad.to(layer.lora_A.device)
             if world > 1:
-                grad = acc.reduce(grad, reduction="mean")
+                grad = acc.reduce(grad, reduction="sum")
+            grad /= seen
             if 2 * c.r > min(grad.shape):
                 raise UserError(f"method.r={c.r}: LoRA-GA needs 2r <= {min(grad.shape)} for layer {name}.")
             layer.offset_base(*ga_factors(grad, c.r, layer.scale, c))
             del grad
         self.init_seconds = time.perf_counter() - start
+        peak = (
+            f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""
+        )
         if acc is None or getattr(acc, "is_main_process", True):
             print(
                 f"LoRA-GA init: gradients of {len(layers)} layers over {seen} batches in "
-                f"{estimated - start:.1f}s, SVD and offsets in {time.perf_counter() - estimated:.1f}s",
+                f"{estimated - start:.1f}s ({world} process(es)), SVD and offsets in "
+                f"{time.perf_counter() - estimated:.1f}s{peak}",
                 file=sys.stderr,
             )
