@@ -385,7 +385,9 @@ def write_report(
         f"steps; one loss for all rows (lrft.train.step.forward_backward). " + total,
         "",
         "Run on a GPU machine (writes this file): `bash scripts/gpu_check.sh --wheels wheels` "
-        "(see the script's header for the wheels); CPU smoke run: `python scripts/gpu_check.py --tiny`.",
+        "(see the script's header for the wheels; with this project's device tool: command "
+        '`bash scripts/gpu_check.sh --wheels wheels`, carry `["wheels"]`, timeout_s 540); CPU smoke run: '
+        "`python scripts/gpu_check.py --tiny`.",
         "",
         "## Training step: memory and speed; `lrft memory`'s prediction",
         "",

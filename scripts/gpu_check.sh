@@ -55,7 +55,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'transformers', transformers.__version__)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-timeout 500 python scripts/gpu_check.py --out docs/gpu.md "${args[@]}"
+timeout 450 python scripts/gpu_check.py --out docs/gpu.md "${args[@]}"
 rc=$?
 echo "gpu_check.sh: exit $rc; report in docs/gpu.md"
 exit $rc
