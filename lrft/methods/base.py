@@ -44,7 +44,10 @@ class MethodConfig:
 class Method(abc.ABC):
     """A fine-tuning strategy. The trainer calls nothing but these methods.
 
-    Subclasses set ``name`` through ``@register_method`` and override :meth:`apply`.
+    Subclasses set ``name`` through ``@register_method`` and override :meth:`inject` (and
+    :meth:`initialize` when the init needs weights or data). The two phases are separate so the
+    structure can be built anywhere (meta device, CPU) while the initialization runs where the
+    weights are (on the GPU, inside the engine's gather context) and is skipped on resume.
     """
 
     name: str = "?"
@@ -57,14 +60,27 @@ class Method(abc.ABC):
     def validate(cls, root_cfg: Any) -> None:
         """Refuse impossible combinations with other config groups (before any work)."""
 
-    @abc.abstractmethod
     def apply(
         self, model: nn.Module, defaults: dict[str, list[str]] | None = None, ctx: ApplyContext | None = None
     ) -> nn.Module:
-        """Transform ``model`` in place for training and return it.
+        """Transform ``model`` in place for training and return it: :meth:`inject`, then
+        :meth:`initialize` unless ``ctx.restoring`` (a saved trainable state is loaded next).
 
         ``defaults`` gives the model's default ``target_modules`` and ``modules_to_save``.
         """
+        ctx = ctx or ApplyContext()
+        model = self.inject(model, defaults or {})
+        if not ctx.restoring:
+            self.initialize(model, ctx)
+        return model
+
+    @abc.abstractmethod
+    def inject(self, model: nn.Module, defaults: dict[str, list[str]]) -> nn.Module:
+        """Structural change only (replace layers, set requires_grad): safe on meta or CPU, reads
+        no weight values."""
+
+    def initialize(self, model: nn.Module, ctx: ApplyContext) -> None:  # noqa: B027 - optional
+        """Value-dependent init (SVD of W, gradient probes) on the model's device; none by default."""
 
     def build_optimizer(self, model: nn.Module, ocfg: Any) -> torch.optim.Optimizer:
         """The optimizer over this method's trainable parameters (GaLore overrides it)."""

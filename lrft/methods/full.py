@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from lrft.errors import UserError
-from lrft.methods.base import ApplyContext, Method, MethodConfig
+from lrft.methods.base import Method, MethodConfig
 from lrft.methods.registry import register_method
 
 
@@ -33,8 +33,6 @@ class Full(Method):
         if str(root_cfg.optimizer.name).startswith("galore"):
             raise UserError(f"optimizer={root_cfg.optimizer.name} goes with method=galore (GaLore).")
 
-    def apply(
-        self, model: nn.Module, defaults: dict[str, list[str]] | None = None, ctx: ApplyContext | None = None
-    ) -> nn.Module:
+    def inject(self, model: nn.Module, defaults: dict[str, list[str]]) -> nn.Module:
         model.requires_grad_(True)
         return model

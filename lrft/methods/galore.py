@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lrft.errors import UserError, did_you_mean
-from lrft.methods.base import ApplyContext, Method, MethodConfig, find_targets
+from lrft.methods.base import Method, MethodConfig, find_targets
 from lrft.methods.registry import register_method
 from lrft.optim import PROJ_TYPES, build_optimizer
 
@@ -82,9 +82,7 @@ class Galore(Method):
                     f"{why}, before fp16 loss scaling is undone: use trainer.mixed_precision=bf16 or no."
                 )
 
-    def apply(
-        self, model: nn.Module, defaults: dict[str, list[str]] | None = None, ctx: ApplyContext | None = None
-    ) -> nn.Module:
+    def inject(self, model: nn.Module, defaults: dict[str, list[str]]) -> nn.Module:
         model.requires_grad_(True)
         self.projected_weights(model)  # fail now, not at the optimizer, if no layer matches
         return model

@@ -66,24 +66,20 @@ class Lora(Method):
             )
         quantization.check(root_cfg)
 
-    def apply(
-        self, model: nn.Module, defaults: dict[str, list[str]] | None = None, ctx: ApplyContext | None = None
-    ) -> nn.Module:
-        defaults = defaults or {}
-        ctx = ctx or ApplyContext()
+    def inject(self, model: nn.Module, defaults: dict[str, list[str]]) -> nn.Module:
         c = self.cfg
         targets = list(c.target_modules or defaults.get("target_modules") or ["all-linear"])
         names = find_targets(model, targets)
         model.requires_grad_(False)
-        layers = {}
         for name in names:
-            layers[name] = self.make_layer(model.get_submodule(name))
-            replace_module(model, name, layers[name])
-        if not ctx.restoring:  # a rebuilt run gets its factors (and base offset) from load_trainable
-            self.init_layers(model, layers, ctx)
+            replace_module(model, name, self.make_layer(model.get_submodule(name)))
         to_save = c.modules_to_save if c.modules_to_save is not None else defaults.get("modules_to_save", [])
         mark_modules_to_save(model, list(to_save))
         return model
+
+    def initialize(self, model: nn.Module, ctx: ApplyContext) -> None:
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+        self.init_layers(model, layers, ctx)
 
     def make_layer(self, base: nn.Module) -> LowRankLinear:
         c = self.cfg
