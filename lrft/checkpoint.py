@@ -1,4 +1,5 @@
-"""Run-folder state on disk: checkpoints during training and the final trainable state.
+"""Run-folder state on disk: the final trainable state, and rebuilding a finished run from it
+(training checkpoints are :mod:`lrft.resume`'s; PEFT adapters are :mod:`lrft.export`'s).
 
 Everything is written to a temporary sibling folder, then renamed into place and marked complete
 last, so a killed process never leaves a folder that looks finished. Weights go through
@@ -58,22 +59,6 @@ def method_config(method: Any) -> dict[str, Any]:
     return asdict(method.cfg) if is_dataclass(method.cfg) else dict(method.cfg)
 
 
-def save_checkpoint(
-    run_dir: Path, step: int, method: Any, model: nn.Module, optimizer: Any, scheduler: Any, keep: int
-) -> Path:
-    """``run_dir/checkpoints/step-N``: trainable state, optimizer and scheduler state, the step."""
-    final = run_dir / "checkpoints" / f"step-{step:08d}"
-    tmp = _atomic_dir(final)
-    save_state(method.trainable_state_dict(model), tmp / TRAINABLE)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_config(method)}))
-    _commit(tmp, final)
-    done = sorted(p for p in final.parent.glob("step-*") if (p / COMPLETE).exists())
-    for old in done[: max(0, len(done) - keep)]:
-        shutil.rmtree(old)
-    return final
-
-
 def save_final(
     run_dir: Path,
     method: Any,
@@ -96,10 +81,6 @@ def save_final(
     meta = {"method": method_config(method), "model": OmegaConf.to_container(cfg.model, resolve=True)}
     (tmp / "lrft.json").write_text(json.dumps(meta, indent=2))
     _commit(tmp, final)
-    from lrft.export import write_peft_adapter
-
-    # after the commit: a failed export must not cost the trained state (None for full / GaLore)
-    write_peft_adapter(model, method, cfg, run_dir / "adapter")
     return final
 
 

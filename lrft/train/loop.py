@@ -23,6 +23,7 @@ from torch import nn
 from lrft import faults
 from lrft.checkpoint import save_final
 from lrft.errors import Interrupted
+from lrft.export import write_peft_adapter
 from lrft.guards import UntrainedWatch
 from lrft.progress import TrainProgress
 from lrft.resume import Position, gather_trainable, load_checkpoint, restore_rng, truncate_metrics
@@ -163,6 +164,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     }
     if main:
         save_final(run_dir, s.method, acc.unwrap_model(model), s.tokenizer, cfg, final_state)
+        # after final/ is committed: a failed export must not cost the trained state
+        write_peft_adapter(acc.unwrap_model(model), s.method, cfg, run_dir / "adapter")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         progress.summary(summary)
     acc.end_training()
