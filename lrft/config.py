@@ -120,6 +120,9 @@ class TrainerConfig:
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM save a checkpoint before exiting
     untrained_warn_steps: int = 20  # warn if zero-initialised adapters (B) are still zero by then
+    # several nodes: is output_dir one folder for all (true), each node's own disk (false), or
+    # null: detected at start (see lrft.topology)
+    shared_fs: bool | None = None
 
 
 @dataclass

@@ -107,12 +107,18 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: Any,
     scheduler: Any,
+    writer: bool | None = None,
 ) -> Path | None:
-    """Write ``checkpoints/step-N`` atomically (every rank calls this; rank files are per rank)."""
+    """Write ``checkpoints/step-N`` atomically (every rank calls this; rank files are per rank).
+
+    ``writer``: whether this process writes the shared files (trainable, optimizer, manifest):
+    global rank 0 by default; on node-local disks each node's local rank 0 (:mod:`lrft.topology`).
+    """
     final = run_dir / "checkpoints" / f"step-{pos.step:08d}"
     tmp = final.with_name(f".tmp-{final.name}")
     trainable = gather_trainable(accelerator, model, method)
-    if accelerator.is_main_process:
+    writer = accelerator.is_main_process if writer is None else writer
+    if writer:
         need = 3 * _state_bytes(trainable) + _state_bytes(optimizer.state_dict()) + (16 << 20)
         final.parent.mkdir(parents=True, exist_ok=True)
         have = free_bytes(final.parent)
@@ -127,7 +133,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     torch.save(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    if not writer:
         accelerator.wait_for_everyone()
         return None
     save_state(trainable, tmp / TRAINABLE)
@@ -191,8 +197,11 @@ def _intact(ckpt: Path) -> str | None:
     return None
 
 
-def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """``auto``: the newest intact checkpoint in ``run_dir`` (None if there is none); else a path."""
+def find_checkpoint(run_dir: Path, resume: str, accelerator: Any = None) -> Path | None:
+    """``auto``: the newest intact checkpoint in ``run_dir`` (None if there is none); else a path.
+
+    With several processes (``accelerator``), ``auto`` takes the newest step that every process
+    has intact: on node-local disks a node may have lost its newest one (a collective)."""
     if resume != "auto":
         ckpt = Path(resume)
         if not (ckpt / COMPLETE).is_file():
@@ -203,7 +212,8 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
         if problem:
             raise UserError(f"trainer.resume={resume}: cannot resume, {problem}.")
         return ckpt
-    if not (run_dir / "checkpoints").is_dir():
+    many = accelerator is not None and accelerator.num_processes > 1
+    if not (run_dir / "checkpoints").is_dir() and not many:
         return None
     for stale in (run_dir / "checkpoints").glob(".tmp-*"):
         warnings.warn(
@@ -215,12 +225,20 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
         warnings.warn(
             f"ignoring checkpoint {unmarked}: it has no completion mark (stopped while saving)", stacklevel=2
         )
+    intact = []
     for ckpt in reversed(done):
         problem = _intact(ckpt)
         if problem is None:
-            return ckpt
-        warnings.warn(f"skipping checkpoint {ckpt}: {problem}; trying an older one", stacklevel=2)
-    return None
+            intact.append(ckpt)
+            if not many:
+                break  # the newest intact one is the answer
+        else:
+            warnings.warn(f"skipping checkpoint {ckpt}: {problem}; trying an older one", stacklevel=2)
+    if not many:
+        return intact[0] if intact else None
+    from lrft.topology import agree_on_checkpoint
+
+    return agree_on_checkpoint(accelerator, run_dir, intact)
 
 
 def load_checkpoint(

@@ -79,11 +79,15 @@ def run_eval(accelerator: Any, model: Any, tokenizer: Any, examples: list, cfg: 
     )  # fmt: skip
 
 
-def save(accelerator: Any, run_dir: Path, state: TrainState, cfg: DictConfig, setup: Any) -> str | None:
-    """A checkpoint of the last completed step (every rank calls this: it holds collectives)."""
+def save(
+    accelerator: Any, run_dir: Path, state: TrainState, cfg: DictConfig, setup: Any, writer: bool
+) -> str | None:
+    """A checkpoint of the last completed step (every rank calls this: it holds collectives).
+    ``writer``: this process writes its node's copy (see :mod:`lrft.topology`)."""
     assert state.snapshot is not None
     pos, rng = state.snapshot
+    s = setup
     path = save_checkpoint(
-        accelerator, run_dir, pos, rng, cfg, setup.method, setup.model, setup.optimizer, setup.scheduler
+        accelerator, run_dir, pos, rng, cfg, s.method, s.model, s.optimizer, s.scheduler, writer=writer
     )
     return str(path) if path is not None else state.last_ckpt

@@ -27,6 +27,7 @@ from lrft.export import write_peft_adapter
 from lrft.guards import UntrainedWatch
 from lrft.progress import TrainProgress
 from lrft.resume import Position, gather_trainable, load_checkpoint, restore_rng, truncate_metrics
+from lrft.topology import topology
 from lrft.train.callbacks import Logger, run_eval, save
 from lrft.train.policy import StepPolicy
 from lrft.train.setup import make_accelerator, setup, write_run_files
@@ -73,8 +74,10 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     acc = make_accelerator(cfg, run_dir)
     main = acc.is_main_process
     set_seed(t.seed)
-    if main:
-        write_run_files(cfg, run_dir, overrides or [], acc)
+    topo = topology(acc, run_dir, t.shared_fs)
+    writer = topo.writes_node_files(acc)  # global rank 0; on node-local disks each node's local 0
+    if writer:
+        write_run_files(cfg, run_dir, overrides or [], acc, topo)
     s = setup(cfg, run_dir, acc)
     model, optimizer, scheduler = s.model, s.optimizer, s.scheduler
     if t.report_to:
@@ -136,13 +139,13 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
                     state.eval_metrics = evaluate(step)
                     progress.note(f"step {step}: " + _fmt(state.eval_metrics))
                 if t.save_every and step % t.save_every == 0 and not state.done:
-                    state.last_ckpt = save(acc, run_dir, state, cfg, s)
+                    state.last_ckpt = save(acc, run_dir, state, cfg, s, writer)
                 faults.maybe("kill_at_step", step)
                 faults.maybe("interrupt_at_step", step)
                 faults.maybe("term_at_step", step)
     except KeyboardInterrupt as stop:
         done = state.snapshot[0].step if state.snapshot else 0
-        saved = save(acc, run_dir, state, cfg, s) if t.save_on_interrupt and done > 0 else None
+        saved = save(acc, run_dir, state, cfg, s, writer) if t.save_on_interrupt and done > 0 else None
         hint = f"saved {saved}; resume with: {_resume_command(run_dir)}" if saved else "nothing saved"
         code = 143 if str(stop) == "SIGTERM" else 130
         raise Interrupted(f"interrupted at step {done}: {hint}", code=code) from None
@@ -160,6 +163,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         "overflow_steps": state.overflow,
         "world_size": acc.num_processes,
         "mixed_precision": acc.mixed_precision,
+        "resumed_from": str(s.resume_from) if s.resume_from is not None else None,
         "run_dir": str(run_dir),
     }
     if main:

@@ -27,6 +27,7 @@ from lrft.methods import get_method
 from lrft.methods.base import ApplyContext
 from lrft.models import count_parameters, load_model, load_tokenizer, quantize
 from lrft.resume import find_checkpoint
+from lrft.topology import Topology
 from lrft.train.policy import resolve_precision
 from lrft.train.state import EpochSampler
 
@@ -59,7 +60,9 @@ def make_accelerator(cfg: DictConfig, run_dir: Path) -> Any:
     return acc
 
 
-def write_run_files(cfg: DictConfig, run_dir: Path, overrides: list[str], accelerator: Any) -> None:
+def write_run_files(
+    cfg: DictConfig, run_dir: Path, overrides: list[str], accelerator: Any, topo: Topology | None = None
+) -> None:
     """The resolved config, the overrides, package versions and how the run actually ran."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -79,6 +82,7 @@ def write_run_files(cfg: DictConfig, run_dir: Path, overrides: list[str], accele
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,
         "device": str(accelerator.device),
+        "topology": (topo or Topology(accelerator.num_processes)).as_dict(),
     }
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
 
@@ -143,7 +147,8 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
             batch.pop("refs", None)
             yield {k: v.to(device) for k, v in batch.items()}
 
-    resume_from = find_checkpoint(run_dir, t.resume) if t.resume else None
+    # with several processes a collective: every one must agree on the same step
+    resume_from = find_checkpoint(run_dir, t.resume, accelerator) if t.resume else None
     ctx = ApplyContext(calibration=calibration, accelerator=accelerator, restoring=resume_from is not None)
     model = method.apply(model, defaults, ctx)
     if t.gradient_checkpointing:
