@@ -29,7 +29,10 @@ lrft memory [group=option ...] [group.key=value ...]     plan memory without loa
   lrft memory memory.budget_gb=24                          largest micro-batch that fits in 24 GiB
   lrft memory recipes=lora_fa/llama7b_alpaca               a recipe's memory
 
-Groups and keys are lrft train's (`lrft train --help`), plus memory.budget_gb and memory.target_length.
+  lrft memory memory.sharding=fsdp memory.nodes=2 memory.processes_per_node=8   per GPU of a job
+
+Groups and keys are lrft train's (`lrft train --help`), plus memory.budget_gb, memory.target_length,
+memory.sharding (none | ddp | zero2 | fsdp | zero3), memory.nodes and memory.processes_per_node.
 Sizes are GiB (2^30 bytes). Activations are counted from a forward pass on PyTorch's meta device."""
 
 
@@ -37,6 +40,11 @@ Sizes are GiB (2^30 bytes). Activations are counted from a forward pass on PyTor
 class MemorySection:
     budget_gb: float | None = None  # GiB per device: report the largest micro-batch that fits
     target_length: int | None = None  # seq2seq decoder length; null: max_length (instruction) or 8
+    # the job the figures are per device of: sharding none|ddp (replicated) | zero2 (gradients and
+    # optimizer state sharded) | fsdp | zero3 (weights too, one block gathered at a time)
+    sharding: str = "none"
+    nodes: int = 1
+    processes_per_node: int = 1
 
 
 @dataclass
@@ -133,7 +141,7 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
         "trainable params",
         [f"{count(p.params_trainable)} ({p.params_trainable / p.params_total:.2%})" for p in plans],
     )
-    order = {"base": 0, "adapter": 1, "buffers": 2}
+    order = {"base": 0, "adapter": 1, "buffers": 2, "gathered": 3}
     weight_rows = sorted({k for p in plans for k in p.weights}, key=lambda k: (order[k.split()[0]], k))
     for key in weight_rows:
         row(f"weights: {key}", [size(p.weights[key]) if key in p.weights else "-" for p in plans])
@@ -198,7 +206,7 @@ def memory_main(argv: list[str]) -> int:
             skipped.append(f"{label}: {err}")
             continue
         planner = Planner(ccfg)
-        plan = planner.plan()
+        plan = shard_plan(planner.plan(), planner, ccfg.memory)
         budget = ccfg.memory.budget_gb
         if budget is not None:
             plan.fit = {gc: planner.max_batch(plan, int(budget * GIB), gc) for gc in (False, True)}
@@ -213,6 +221,35 @@ def memory_main(argv: list[str]) -> int:
     for line in [*notes, *(f"not planned: {s}" for s in skipped)]:
         out.print(f"- {line}", highlight=False, markup=False)
     return 0
+
+
+SHARDINGS = ("none", "ddp", "zero2", "fsdp", "zero3")
+
+
+def shard_plan(plan: Any, planner: Any, msec: Any) -> Any:
+    """Per-device figures of a job over ``nodes x processes_per_node`` devices. ZeRO-2 divides
+    gradients and optimizer state; FSDP / ZeRO-3 divide the weights too, plus one gathered block
+    (the largest decoder layer) at a time. Activations stay per device (data parallel)."""
+    from lrft.config import one_of
+
+    one_of("memory.sharding", msec.sharding, SHARDINGS)
+    n = int(msec.nodes) * int(msec.processes_per_node)
+    if n < 1:
+        raise UserError(f"memory.nodes x memory.processes_per_node must be >= 1, got {n}.")
+    if msec.sharding in ("none", "ddp") or n == 1:
+        return plan
+    plan.gradients = -(-plan.gradients // n)
+    plan.optimizer = -(-plan.optimizer // n)
+    what, extra = "gradients and optimizer state", ""
+    if msec.sharding in ("fsdp", "zero3"):
+        block = planner.largest_block()
+        plan.weights = {k: -(-v // n) for k, v in plan.weights.items()}
+        plan.weights["gathered block"] = block
+        what, extra = f"weights, {what}", f", plus one gathered block ({block / GIB:.2f} GiB)"
+    plan.notes.append(
+        f"{msec.sharding} over {n} devices ({msec.nodes} node(s)): {what} divided by {n}{extra}."
+    )
+    return plan
 
 
 def _labels(combos: list[list[str]]) -> list[str]:

@@ -279,6 +279,16 @@ class Planner:
             out["buffers"] += buffers
         return dict(out)
 
+    def largest_block(self) -> int:
+        """Bytes of the largest repeated block (a decoder layer): what FSDP / ZeRO-3 gather at once."""
+        blocks: dict[str, int] = {}
+        for name, p in self.model.named_parameters():
+            parts = name.split(".")
+            cut = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+            key = ".".join(parts[: cut + 1]) if cut is not None else name
+            blocks[key] = blocks.get(key, 0) + p.numel() * p.element_size()
+        return max(blocks.values(), default=0)
+
     def gradients(self) -> int:
         sizes = [p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad]
         if getattr(self.optimizer, "updates_in_backward", False):

@@ -1,0 +1,44 @@
+"""`lrft memory` per device of a sharded job: ZeRO-2 divides gradients and optimizer state, FSDP /
+ZeRO-3 the weights too plus one gathered block; replicated (DDP) changes nothing."""
+
+import copy
+
+import pytest
+
+from lrft.errors import UserError
+from lrft.memory_cli import compose_memory, shard_plan
+from lrft.memory_plan import Planner
+
+BASE = ["model=tiny_llama", "method=lora", "dataset=quickstart", "trainer.batch_size=2"]
+
+
+def plans(sharding: str, nodes: int = 2, per_node: int = 2):
+    cfg = compose_memory([*BASE, f"memory.sharding={sharding}", f"memory.nodes={nodes}",
+                          f"memory.processes_per_node={per_node}"])  # fmt: skip
+    planner = Planner(cfg)
+    full = planner.plan()
+    return full, shard_plan(copy.deepcopy(full), planner, cfg.memory), planner
+
+
+def test_zero2_divides_gradients_and_optimizer_state_only():
+    full, sharded, _ = plans("zero2")
+    assert sharded.gradients == -(-full.gradients // 4) and sharded.optimizer == -(-full.optimizer // 4)
+    assert sharded.weights == full.weights
+    assert any("zero2 over 4 devices" in n for n in sharded.notes)
+
+
+def test_fsdp_divides_weights_and_adds_one_gathered_block():
+    full, sharded, planner = plans("fsdp", nodes=1, per_node=4)
+    block = planner.largest_block()
+    layer = sum(p.numel() * p.element_size() for p in planner.model.model.layers[0].parameters())
+    assert block == layer > 0
+    assert sharded.weights.pop("gathered block") == block
+    assert sum(sharded.weights.values()) <= sum(full.weights.values()) // 4 + len(full.weights)
+    assert sharded.total(False) < full.total(False)
+
+
+def test_replicated_and_bad_values():
+    full, same, _ = plans("ddp")
+    assert same.total(False) == full.total(False)
+    with pytest.raises(UserError, match=r"memory\.sharding='zero4' is not valid"):
+        plans("zero4")
