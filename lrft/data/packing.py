@@ -82,16 +82,18 @@ class PackedCollator:
 
     Padding gets positions 0, 1, ... of its own, so transformers sees it as one more packed
     sequence: real tokens come first and attend only within their example (causal), pad tokens
-    only among themselves, and their labels are -100.
+    only among themselves, and their labels are -100. ``pad_to`` pads every batch to that width
+    (one shape for ``torch.compile``, no recompiles).
     """
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, pad_to: int | None = None) -> None:
         self.pad_id = int(pad_id)
+        self.pad_to = pad_to
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("cannot collate an empty list of rows")
-        width = max(len(r["input_ids"]) for r in rows)
+        width = max(max(len(r["input_ids"]) for r in rows), self.pad_to or 0)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.arange(width, dtype=torch.long).repeat(len(rows), 1)
