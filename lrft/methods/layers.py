@@ -84,7 +84,8 @@ def _keep(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
 
 
 def _dropout_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """The keep-mask scaled by 1/(1-p), in ``like``'s dtype, regenerated identically from ``seed``."""
+    """The keep-mask scaled by 1/(1-p), in ``like``'s dtype: the dropout :class:`LowRankFn` applies
+    (it multiplies by :func:`_keep` and folds 1/(1-p) into its scale; tests compare with this)."""
     return _keep(like, p, seed).to(like.dtype).mul_(1.0 / (1.0 - p))
 
 
@@ -95,10 +96,13 @@ class LowRankFn(torch.autograd.Function):
     def forward(ctx, x, lora_a, lora_b, scale: float, p: float, grad_proj=None):
         dtype = _compute_dtype(x)
         seed = _new_seed(x.device) if p > 0 else None
+        # dropout's 1/(1-p) is folded into the scale: s·((x⊙keep)/(1-p))AᵀBᵀ = s/(1-p)·(x⊙keep)AᵀBᵀ,
+        # so applying the mask is one multiply by a bool tensor, here and in backward
+        scale = scale / (1.0 - p) if p > 0 else scale
         with torch.autocast(x.device.type, enabled=False):
             xd = x.to(dtype)
             if p > 0:
-                xd = xd * _dropout_mask(xd, p, seed)
+                xd = xd * _keep(xd, p, seed)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             xa = xd @ a.t()  # (..., r)
             out = (xa @ b.t()) * scale
@@ -131,7 +135,7 @@ class LowRankFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_xa @ a).reshape(ctx.x_shape)
             if ctx.p > 0:
-                grad_x = grad_x * _dropout_mask(grad_x, ctx.p, ctx.seed)
+                grad_x = grad_x * _keep(grad_x, ctx.p, ctx.seed)
             grad_x = grad_x.to(ctx.x_dtype)
         return grad_x, grad_a, grad_b, None, None, None
 
