@@ -204,7 +204,7 @@ def hf_system(kind: str, data: list[dict], batch: int, max_length: int, dropout:
 
 def mask_costs(shape: tuple[int, ...], p: float, repeats: int = 40) -> dict[str, float]:
     """CPU ms to make and apply one dropout mask, per candidate, on an activation of ``shape``."""
-    from lrft.methods.layers import _dropout_mask, _new_seed
+    from lrft.methods.layers import _keep, _new_seed
 
     x = torch.randn(shape)
 
@@ -223,8 +223,8 @@ def mask_costs(shape: tuple[int, ...], p: float, repeats: int = 40) -> dict[str,
 
     seed = _new_seed(x.device)
 
-    def hash_mask() -> torch.Tensor:  # lrft's: a hash of (index, seed tensor)
-        return x * _dropout_mask(x, p, seed)
+    def hash_mask() -> torch.Tensor:  # lrft's: a hash of (index, seed tensor); 1/(1-p) in the scale
+        return x * _keep(x, p, seed)
 
     candidates = [
         ("hash (lrft)", hash_mask),
