@@ -92,6 +92,7 @@ class DatasetConfig:
     shots: int = 5  # mmlu: k-shot examples from the dev split
     data_dir: str | None = None  # mmlu: local folder of Hendrycks CSVs (dev/, val/, test/)
     subjects: list[str] | None = None  # mmlu: null = every subject
+    packing: bool = False  # causal only: examples concatenated into rows of max_length (lrft.data.packing)
 
 
 @dataclass
@@ -123,6 +124,7 @@ class TrainerConfig:
     # several nodes: is output_dir one folder for all (true), each node's own disk (false), or
     # null: detected at start (see lrft.topology)
     shared_fs: bool | None = None
+    group_by_length: bool = False  # batches of similar lengths (lrft.data.sampling); see dataset.packing
 
 
 @dataclass
@@ -324,6 +326,12 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             f"model '{m.name}' ({m.task}) cannot train on dataset '{d.name}' ({d.kind}). "
             f"Combinations that work: {works}."
+        )
+    if d.get("packing") and m.task != "causal":
+        raise UserError(
+            f"dataset.packing=true needs a causal (decoder-only) model; model '{m.name}' is a {m.task} "
+            "model: an encoder or encoder-decoder attends across a whole row, so packed examples would "
+            "see each other. Set dataset.packing=false (trainer.group_by_length=true also cuts padding)."
         )
     for key in ("batch_size", "grad_accum"):
         if t[key] < 1:

@@ -28,13 +28,13 @@ from omegaconf import OmegaConf
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def rand_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def rand_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """The proposed mask: keep where U ≥ p (probability 1 − p), scaled by 1/(1 − p).
 
     ``torch.rand`` plus a compare costs about half of ``bernoulli_`` on CPU (mt19937), and lrft
     draws each mask twice (forward, and backward regenerates it instead of storing it).
     """
-    gen = torch.Generator(device=like.device).manual_seed(seed)
+    gen = torch.Generator(device=like.device).manual_seed(int(seed))  # the old per-call Generator
     keep = torch.rand(like.shape, generator=gen, device=like.device).ge_(p)  # float32 draws
     return keep.to(like.dtype).div_(1.0 - p)
 

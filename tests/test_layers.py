@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lrft.memory import saved_activation_bytes
-from lrft.methods.layers import LowRankLinear, _dropout_mask
+from lrft.methods.layers import LowRankLinear, _dropout_mask, _keep, _new_seed
 
 N, K, D, R = 24, 64, 48, 4  # tokens, in, out, rank
 
@@ -32,7 +32,7 @@ def test_gradients_match_plain_autograd(freeze_a, p):
     b = layer.lora_B.detach().clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     torch.manual_seed(7)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    seed = _new_seed(x2.device)  # the layer's first (and only) draw from the global RNG
     xd = x2 * _dropout_mask(x2, p, seed) if p > 0 else x2
     y2 = layer.base_layer(x2) + layer.scale * (xd @ a.t()) @ b.t()
     (y2.sin().sum()).backward()
@@ -158,7 +158,7 @@ def test_dora_gradients_match_the_formula_with_a_detached_norm(freeze_a):
     m = layer.lora_magnitude.detach().clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     torch.manual_seed(7)
-    seed = int(torch.randint(0, 2**62, (1,)).item())
+    seed = _new_seed(x2.device)
     w, bias = layer.base_layer.weight, layer.base_layer.bias
     norm = (w + layer.scale * b @ a).norm(dim=1).detach()
     xd = x2 * _dropout_mask(x2, 0.2, seed)
@@ -204,3 +204,80 @@ def test_offset_base_keeps_the_output_and_delta_stays_relative_to_the_original()
     torch.testing.assert_close(layer.original_weight().double(), w0, rtol=0, atol=1e-5)
     with pytest.raises(RuntimeError, match="already offset"):
         layer.offset_base(a0, b0)
+
+
+def test_dropout_mask_rate_and_independence():
+    """P(keep) = 1 − p; masks differ between seeds, agree for one seed; neighbours uncorrelated."""
+    like = torch.empty(1000, 1000)
+    s1, s2 = torch.tensor(1, dtype=torch.int32), torch.tensor(2, dtype=torch.int32)
+    for p in (0.05, 0.5):
+        keep = _keep(like, p, s1).double()
+        assert abs(keep.mean().item() - (1 - p)) < 3e-3
+    k1, k2 = _keep(like, 0.5, s1).double(), _keep(like, 0.5, s2).double()
+    assert torch.equal(_keep(like, 0.5, s1).double(), k1)
+    assert abs((k1 == k2).double().mean().item() - 0.5) < 3e-3  # two seeds: independent masks
+    flat = k1.flatten() - 0.5
+    assert abs((flat[1:] * flat[:-1]).mean().item()) < 3e-3  # adjacent elements
+    assert abs((k1[1:] - 0.5).mul(k1[:-1] - 0.5).mean().item()) < 3e-3  # adjacent rows
+
+
+def test_project_grad_inverse_is_cached_fp32_and_follows_a():
+    layer = make(True, 0.0, torch.float32)
+    layer.project_grad = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = layer._grad_proj()
+    assert first.dtype == torch.float32
+    assert layer._grad_proj() is first  # not recomputed per forward
+    a = layer.lora_A.detach()
+    torch.testing.assert_close(first, torch.linalg.pinv(a @ a.t() + 1e-8 * torch.eye(R)) / layer.scale**2)
+    with torch.no_grad():
+        layer.lora_A.mul_(2.0)  # A changed (an init, a checkpoint load): the cache follows
+    second = layer._grad_proj()
+    assert second is not first
+    torch.testing.assert_close(second, first / 4, rtol=1e-4, atol=0)
+
+
+def test_compiled_layer_has_no_graph_breaks_and_matches_eager():
+    """torch.compile traces LowRankFn whole; with eager's RNG (fallback_random) it is bit-exact
+    forward and backward, dropout included; with inductor's own RNG the backward still replays the
+    forward's mask."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    def run(layer, fn, x):
+        torch.manual_seed(11)
+        x = x.detach().clone().requires_grad_(True)
+        y = fn(x)
+        (y * y).sum().backward()
+        grads = [x.grad] + [p.grad.clone() for p in (layer.lora_A, layer.lora_B) if p.grad is not None]
+        layer.zero_grad(set_to_none=True)
+        return y.detach(), grads
+
+    x = torch.randn(2, 6, K)
+    for freeze_a, project in ((True, True), (False, False)):
+        layer = make(freeze_a, 0.3, torch.float32)
+        layer.project_grad = project
+        torch._dynamo.reset()
+        explain = torch._dynamo.explain(layer)(x)
+        assert explain.graph_break_count == 0, explain.break_reasons
+        eager = run(layer, layer, x)
+        with inductor_config.patch(fallback_random=True):
+            torch._dynamo.reset()
+            compiled = run(layer, torch.compile(layer), x)
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+        for c, e in zip(compiled[1], eager[1], strict=True):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    # inductor's RNG: another mask, but the same one in forward and backward. With A = I, B = I the
+    # adapter is s·dropout(x) and d/dx of its sum of squares is 2 s² mask² x = 2 s y mask
+    layer = make(True, 0.3, torch.float32)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.eye(R, K))
+        layer.lora_B.copy_(torch.eye(D, R))
+        layer.base_layer.weight.zero_()
+        layer.base_layer.bias.zero_()
+    torch._dynamo.reset()
+    y, grads = run(layer, torch.compile(layer), x)
+    kept = y[..., :R] != 0
+    assert 0 < kept.float().mean() < 1
+    expected_grad = 2 * layer.scale * y[..., :R] / (1 - 0.3) * kept
+    torch.testing.assert_close(grads[0][..., :R], expected_grad, rtol=1e-5, atol=1e-6)

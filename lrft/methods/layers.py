@@ -15,7 +15,7 @@ implements exactly that, and for any configuration keeps only what the requested
 
 - frozen A: ``x̃ Aᵀ`` (n, r) only;
 - trainable A: the dropped input ``x̃`` once (n, k), plus ``x̃ Aᵀ``;
-- dropout: no mask is stored, it is regenerated in backward from a saved seed.
+- dropout: no mask is stored, backward regenerates it from a 4-byte seed tensor (:func:`_keep`).
 
 The base layer is called as a module, so bitsandbytes 4/8-bit layers work unchanged. The other
 methods are choices on this one layer: an init that moves the base (PiSSA, LoRA-GA:
@@ -42,28 +42,72 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask scaled by 1/(1-p), regenerated identically from ``seed``."""
-    gen = torch.Generator(device=like.device).manual_seed(seed)
-    # uniform draws compared with p: on CPU bernoulli_ was 28% of a LoRA step (the mask is drawn
-    # twice, forward and backward); rand + ge is several times cheaper and has P(keep) = 1 - p
-    keep = torch.rand(like.shape, generator=gen, device=like.device).ge_(p)
-    return keep.to(like.dtype).div_(1.0 - p)
+# Dropout masks come from a counter-based hash of (element index, seed), not from a torch.Generator:
+# the seed is a device tensor (no ``.item()``, no host sync, no Generator per call), backward
+# regenerates the identical mask from it (nothing mask-sized is kept, so LoRA-FA stays at the
+# frozen-model activation floor), and torch.compile traces it as plain integer arithmetic, fused
+# into one kernel, with no graph break. On CPU it is also the cheapest of the masks measured in
+# docs/performance.md (int32 ops vectorize; mt19937 draws and bernoulli_ do not).
+_GOLDEN = 0x9E3779B9 - 2**32  # odd int32 constants (as signed values, so int32 tensors accept them)
+_M1, _M2 = 0x7FEB352D, 0x846CA68B - 2**32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """Wellons' lowbias32 integer hash on int32, in place (wrapping multiplies, logical shifts).
+
+    In place, so at most two int32 temporaries of the activation's size are alive at once (the
+    activation-memory plan counts the mask as one float tensor; see tests/test_memory.py).
+    """
+    for shift, keep, mult in ((16, 0xFFFF, _M1), (15, 0x1FFFF, _M2), (16, 0xFFFF, None)):
+        h ^= (h >> shift).bitwise_and_(keep)
+        if mult is not None:
+            h *= mult
+    return h
+
+
+def _new_seed(device: torch.device) -> torch.Tensor:
+    """A fresh int32 seed drawn from the global RNG on ``device``: reproducible under
+    ``torch.manual_seed``, and redrawn identically by checkpoint recompute (which restores the RNG)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int32, device=device)
+
+
+def _keep(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """Bool keep-mask of ``like``'s shape, P(keep) = 1 − p, a pure function of (index, seed).
+
+    Indices are int32 and wrap beyond 2³² elements (a single activation that large repeats its
+    mask pattern; nothing else changes).
+    """
+    h = torch.arange(like.numel(), dtype=torch.int32, device=like.device).view(like.shape)
+    h = _mix32(h.mul_(_GOLDEN).add_(seed))  # a Weyl step first: neighbouring indices land far apart
+    # h is uniform over int32: keep the top (1 − p) share of its range
+    return h >= int(-(2**31) + round(p * 2**32))
+
+
+def _dropout_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The keep-mask scaled by 1/(1-p), in ``like``'s dtype: the dropout :class:`LowRankFn` applies
+    (it multiplies by :func:`_keep` and folds 1/(1-p) into its scale; tests compare with this)."""
+    return _keep(like, p, seed).to(like.dtype).mul_(1.0 / (1.0 - p))
 
 
 class LowRankFn(torch.autograd.Function):
     """s · dropout(x) Aᵀ Bᵀ with a backward that saves only what the needed gradients use."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scale: float, p: float, seed: int, grad_proj=None):
+    def forward(ctx, x, lora_a, lora_b, scale: float, p: float, grad_proj=None):
         dtype = _compute_dtype(x)
+        seed = _new_seed(x.device) if p > 0 else None
+        # dropout's 1/(1-p) is folded into the scale: s·((x⊙keep)/(1-p))AᵀBᵀ = s/(1-p)·(x⊙keep)AᵀBᵀ,
+        # so applying the mask is one multiply by a bool tensor, here and in backward
+        scale = scale / (1.0 - p) if p > 0 else scale
         with torch.autocast(x.device.type, enabled=False):
             xd = x.to(dtype)
             if p > 0:
-                xd = xd * _dropout_mask(xd, p, seed)
+                xd = xd * _keep(xd, p, seed)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             xa = xd @ a.t()  # (..., r)
             out = (xa @ b.t()) * scale
+        # the seed (a 0-d int32 tensor, not an input) rides on ctx, not save_for_backward: it is
+        # the dropout's whole state, 4 bytes, and not an activation
         ctx.scale, ctx.p, ctx.seed, ctx.dtype, ctx.grad_proj = scale, p, seed, dtype, grad_proj
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # A's gradient needs the (dropped) input; B's only x̃Aᵀ; x's only the weights.
@@ -91,9 +135,9 @@ class LowRankFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_xa @ a).reshape(ctx.x_shape)
             if ctx.p > 0:
-                grad_x = grad_x * _dropout_mask(grad_x, ctx.p, ctx.seed)
+                grad_x = grad_x * _keep(grad_x, ctx.p, ctx.seed)
             grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None
 
 
 class LowRankLinear(nn.Module):
@@ -132,6 +176,8 @@ class LowRankLinear(nn.Module):
         self.r, self.alpha, self.p = r, alpha, dropout
         self.scale = alpha / (math.sqrt(r) if rslora else r)
         self.project_grad = project_grad
+        self._proj: torch.Tensor | None = None  # _grad_proj's cache and the A it was computed from
+        self._proj_key: tuple[Any, ...] | None = None
         weight = base.weight
         device = weight.device
         # Adapters live in float32 whatever the base storage (fp16/bf16/4-bit): their updates are
@@ -151,18 +197,27 @@ class LowRankLinear(nn.Module):
     def adapter(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """s · dropout(x) Aᵀ Bᵀ in ``dtype``, through :class:`LowRankFn`."""
         p = self.p if self.training else 0.0
-        # The seed comes from the global RNG, so runs are reproducible and checkpoint recompute
-        # (which restores RNG state) regenerates the same mask.
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        return LowRankFn.apply(x, self.lora_A, self.lora_B, self.scale, p, seed, self._grad_proj()).to(dtype)
+        return LowRankFn.apply(x, self.lora_A, self.lora_B, self.scale, p, self._grad_proj()).to(dtype)
 
     def _grad_proj(self) -> torch.Tensor | None:
+        """(A Aᵀ + δI)⁻¹ / s² (PEFT's ridge δ = 1e-8), r × r, float32, computed once per A.
+
+        A is frozen under ``project_grad``, so the pinv (a host sync on CUDA) is cached and
+        recomputed only when A changes (an init, :meth:`offset_base`, a checkpoint load: each
+        bumps A's version counter) or moves device. Autocast is off: a bf16 Gram matrix of a
+        near-orthogonal A would make the inverse meaningless.
+        """
         if not self.project_grad:
             return None
-        # (A Aᵀ + δI)⁻¹ / s² with PEFT's ridge δ = 1e-8; r × r, so recomputing it is cheaper than caching
-        a = self.lora_A.detach().float()
-        eye = torch.eye(self.r, device=a.device)
-        return torch.linalg.pinv(a @ a.t() + 1e-8 * eye) / self.scale**2
+        a = self.lora_A
+        key = (a._version, a.device, a.data_ptr())
+        if self._proj_key != key or self._proj is None:
+            with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
+                a32 = a.detach().float()
+                eye = torch.eye(self.r, device=a.device)
+                self._proj = torch.linalg.pinv(a32 @ a32.t() + 1e-8 * eye) / self.scale**2
+            self._proj_key = key
+        return self._proj
 
     @property
     def is_offset(self) -> bool:
