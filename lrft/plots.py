@@ -8,6 +8,7 @@ Agg canvas directly, so no GUI backend is needed and a caller's own pyplot backe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -52,8 +53,11 @@ def curve(records: list[dict[str, Any]], key: str) -> Curve:
 def write_loss_plot(run_dir: str | Path) -> Path | None:
     """Draw ``run_dir/loss.png``: train and eval loss, plus the other eval metrics (accuracy,
     F1...) in a second panel when there are any. Returns the file, or None before the first
-    record. The file is replaced atomically, so a viewer never sees half of it."""
+    record (or without matplotlib: a plot is never worth failing a run). The file is replaced
+    atomically, so a viewer never sees half of it."""
     run_dir = Path(run_dir)
+    if importlib.util.find_spec("matplotlib") is None:  # a runtime dependency, but never fail a run
+        return None
     records = read_metrics(run_dir)
     train, evals = curve(records, "loss"), curve(records, "eval/loss")
     others = sorted({k for r in records for k in r if k.startswith("eval/") and k not in _NOT_CURVES})

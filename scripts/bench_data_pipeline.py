@@ -185,12 +185,15 @@ def child(args: argparse.Namespace) -> None:
     peak_anon = anon.stop()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
     gib = 1024**3
     result = {
         "mode": args.mode,
         "rows": len(examples),
         "first_batch_s": round(ready - started, 2),
         "prepare_s": round(prepared, 2),
+        "cpu_s": round(cpu, 1),  # all processes' CPU time: on a shared machine, wall time is not
         "peak_rss_gib": round(peak_rss / gib, 3),
         "peak_anon_gib": round(peak_anon / gib, 3),
         "data_rss_gib": round((peak_rss - base_rss) / gib, 3),

@@ -220,3 +220,29 @@ def test_the_loop_sampler_and_loader_take_it(tmp_path):
         batches.append(list(loader)[:3])
     for a, b in zip(*batches, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_main_process_prepares_first_then_all_load(tmp_path):
+    """The gate: the local main process builds the cache inside the accelerator's
+    ``local_main_process_first``; a process entering after it finds the cache and tokenizes nothing."""
+    from contextlib import contextmanager
+
+    class Gate:
+        entered = 0
+
+        @contextmanager
+        def local_main_process_first(self):
+            self.entered += 1
+            yield
+
+    path = write_jsonl(tmp_path / "train.jsonl", instr_rows(30))
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    main_tok, other_tok, gate = (
+        CountingTokenizer(byte_tokenizer()),
+        CountingTokenizer(byte_tokenizer()),
+        Gate(),
+    )
+    first = prepare_split(instr_cfg(path), "train", "causal", main_tok, cache_dir=tmp_path, accelerator=gate)
+    other = prepare_split(instr_cfg(path), "train", "causal", other_tok, cache_dir=tmp_path, accelerator=gate)
+    assert gate.entered == 2 and main_tok.calls > 0 and other_tok.calls == 0
+    assert list(other) == list(first)

@@ -97,9 +97,9 @@ def prepare_split(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     dcfg = _plain(dcfg)
     root = cache_root(dcfg, cache_dir)
-    if split == "train" and dcfg.mix:
+    if split == "train" and dcfg.get("mix"):
         return _mixed(dcfg, task, tokenizer, root, accelerator, seed)
-    if split == "train" and dcfg.streaming:
+    if split == "train" and dcfg.get("streaming"):
         return _streamed(dcfg, task, tokenizer)
     return _cached(dcfg, split, task, tokenizer, root, accelerator)
 
@@ -402,7 +402,7 @@ def _mixed(dcfg: DictConfig, task: str, tokenizer: Any, root: Path, accelerator:
         one.train_split = src.get("split") or "train"
         if src.get("subset"):
             one.subset = src.subset
-        if dcfg.streaming:
+        if dcfg.get("streaming"):
             parts.append(_streamed(one, task, tokenizer))
         else:
             parts.append(_cached(one, "train", task, tokenizer, root, accelerator).dataset)
@@ -410,7 +410,7 @@ def _mixed(dcfg: DictConfig, task: str, tokenizer: Any, root: Path, accelerator:
     probs = [w / sum(weights) for w in weights]
     mixed = interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy="first_exhausted")
     limit = dcfg.max_train_samples
-    if dcfg.streaming:
+    if dcfg.get("streaming"):
         return mixed.take(limit) if limit is not None and limit >= 0 else mixed
     if limit is not None and 0 <= limit < len(mixed):
         mixed = mixed.select(range(limit))
