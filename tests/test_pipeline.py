@@ -246,3 +246,17 @@ def test_main_process_prepares_first_then_all_load(tmp_path):
     other = prepare_split(instr_cfg(path), "train", "causal", other_tok, cache_dir=tmp_path, accelerator=gate)
     assert gate.entered == 2 and main_tok.calls > 0 and other_tok.calls == 0
     assert list(other) == list(first)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_style_source_equals_the_list_pipeline(tmp_path, streaming):
+    """dataset.path goes through datasets.load_dataset (a local folder stands in for a hub id)."""
+    folder = tmp_path / "hubset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", instr_rows(40))
+    cfg = DatasetConfig(name="hub", kind="instruction", path=str(folder), max_length=48, max_train_samples=30)
+    tok = byte_tokenizer()
+    old = encode_rows(load_rows(cfg, "train"), cfg, "causal", tok)
+    cfg.streaming = streaming
+    new = prepare_split(cfg, "train", "causal", tok, cache_dir=tmp_path / "cache")
+    assert len(old) == 30 and list(new) == old
