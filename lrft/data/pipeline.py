@@ -124,10 +124,9 @@ def _cached(
     dcfg: DictConfig, split: str, task: str, tokenizer: Any, root: Path, accelerator: Any
 ) -> Examples:
     source = _Source(dcfg, split)
-    key = fingerprint(dcfg, split, task, tokenizer, source.identity(root))
-    folder = root / key
     gate = accelerator.local_main_process_first() if accelerator is not None else contextlib.nullcontext()
-    with gate:
+    with gate:  # the main process hashes the file first: the others then find its hash by stat
+        folder = root / fingerprint(dcfg, split, task, tokenizer, source.identity(root))
         if not (folder / "meta.json").is_file():
             _build(source, dcfg, task, tokenizer, folder)
         return Examples(_load(folder))
