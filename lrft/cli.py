@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "merge": "fold a run's trained state into the original base weights: a plain transformers folder",
     "export": "write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it)",
     "memory": "plan a run's memory (weights, gradients, optimizer, activations) without loading weights",
+    "plot": "overlay the loss (or an eval metric) of one or more run folders into one PNG",
 }
 
 
@@ -198,12 +199,19 @@ def memory_cmd(argv: list[str]) -> int:
     return memory_main(argv)
 
 
+def plot_cmd(argv: list[str]) -> int:
+    from lrft.plots import plot_main
+
+    return plot_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_cmd,
     "eval": eval_cmd,
     "merge": merge_cmd,
     "export": export_cmd,
     "memory": memory_cmd,
+    "plot": plot_cmd,
 }
 
 

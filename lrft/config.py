@@ -77,6 +77,17 @@ class DataFiles:
 
 
 @dataclass
+class MixSource:
+    """One source of ``dataset.mix``: a local train file or a hub set, drawn with ``weight``."""
+
+    data_files: str | None = None  # a local train file (JSON/JSONL/CSV/TSV/Parquet)
+    path: str | None = None  # or a hub id for datasets.load_dataset
+    subset: str | None = None  # hub config name (default: dataset.subset)
+    split: str = "train"  # hub split
+    weight: float = 1.0  # relative: the weights are normalised to probabilities
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
     kind: str = MISSING  # glue | instruction | mmlu
@@ -93,6 +104,12 @@ class DatasetConfig:
     data_dir: str | None = None  # mmlu: local folder of Hendrycks CSVs (dev/, val/, test/)
     subjects: list[str] | None = None  # mmlu: null = every subject
     packing: bool = False  # causal only: examples concatenated into rows of max_length (lrft.data.packing)
+    # the tokenized data is cached (Arrow, memory-mapped) under this folder, keyed by the content of
+    # the data, these settings, the tokenizer and the lrft version; null: $LRFT_CACHE or ~/.cache/lrft
+    cache_dir: str | None = None
+    num_proc: int = 1  # processes that tokenize a cold cache (datasets' map); 1 = in this process
+    streaming: bool = False  # train rows read lazily (hub sets too large to download); needs max_steps
+    mix: list[MixSource] = field(default_factory=list)  # train on several sources, drawn by weight
 
 
 @dataclass
@@ -114,7 +131,7 @@ class TrainerConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     cpu: bool = False  # force CPU even when a GPU is there
-    report_to: str | None = None  # tensorboard
+    report_to: str | None = None  # tensorboard | wandb | mlflow (accelerate's trackers); null: none
     keep_checkpoints: int = 2
     progress: bool = True
     resume: str | None = None  # auto: newest intact checkpoint in output_dir; or a checkpoint path
@@ -338,11 +355,43 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise UserError("Set trainer.max_steps > 0 or trainer.epochs > 0.")
+    check_report_to(t.report_to)
+    if d.streaming and t.max_steps <= 0:
+        raise UserError(
+            "dataset.streaming=true reads the train rows lazily, so an epoch's length is unknown: "
+            "set trainer.max_steps > 0."
+        )
+    if d.num_proc < 1:
+        raise UserError(f"dataset.num_proc must be >= 1, got {d.num_proc}.")
     if cfg.optimizer.lr <= 0:
         raise UserError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}.")
     from lrft.methods.registry import get_method
 
     get_method(cfg.method.name).validate(cfg)
+
+
+# trainer.report_to: accelerate's tracker name -> (package to install, accelerate's availability check)
+TRACKERS = {
+    "tensorboard": ("tensorboard", "is_tensorboard_available"),
+    "wandb": ("wandb", "is_wandb_available"),
+    "mlflow": ("mlflow-skinny", "is_mlflow_available"),
+}
+
+
+def check_report_to(value: str | None) -> None:
+    """A known tracker whose package is installed (accelerate would fail later, mid-setup)."""
+    if value is None:
+        return
+    if value not in TRACKERS:
+        raise UserError(
+            f"trainer.report_to={value!r} is not valid (null: no tracker)."
+            f"{did_you_mean(str(value), tuple(TRACKERS))}"
+        )
+    import accelerate.utils
+
+    package, check = TRACKERS[value]
+    if not getattr(accelerate.utils, check)():
+        raise UserError(f"trainer.report_to={value} needs the {package} package: pip install {package}")
 
 
 def _check_keys(cfg: DictConfig) -> None:

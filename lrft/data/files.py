@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,13 @@ Row = tuple[int, Any]  # (row number, the record as read; validated by the calle
 def read_rows(path: str | Path) -> list[Row]:
     """Every record of a local data file, chosen by extension. Raises :class:`UserError` on a
     missing, unreadable, empty or malformed file."""
+    return list(iter_rows(path))
+
+
+def iter_rows(path: str | Path) -> Iterator[Row]:
+    """The records of a local data file one at a time, so a large file never sits in memory whole
+    (the cached pipeline writes them to Arrow as they come). Same errors as :func:`read_rows`; a
+    malformed row raises when the iteration reaches it."""
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
     if suffix not in SUPPORTED:
@@ -30,52 +38,69 @@ def read_rows(path: str | Path) -> list[Row]:
     if not p.is_file():
         hint = " (it is a folder)" if p.is_dir() else ""
         raise UserError(f"{p}: data file not found{hint}.")
-    readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_tsv}
+    readers = {
+        ".json": _read_json,
+        ".jsonl": _read_jsonl,
+        ".csv": _read_csv,
+        ".tsv": _read_tsv,
+        ".parquet": _read_parquet,
+    }
+    count = 0
     try:
-        rows = _read_parquet(p) if suffix == ".parquet" else readers[suffix](p)
+        for row in readers[suffix](p):
+            count += 1
+            yield row
     except UnicodeDecodeError as err:
         raise UserError(f"{p}: not UTF-8 text ({err.reason} at byte {err.start}).") from None
     except OSError as err:
         raise UserError(f"{p}: cannot read the file: {err}") from None
-    if not rows:
+    if not count:
         raise UserError(f"{p}: the file is empty (no rows).")
-    return rows
 
 
-def _read_json(p: Path) -> list[Row]:
-    text = p.read_text(encoding="utf-8-sig")
-    if not text.lstrip().startswith("["):
-        return _parse_lines(p, text, ".json files hold a list of objects or one object per line")
+def _read_json(p: Path) -> Iterator[Row]:
+    if _first_char(p) != "[":
+        yield from _parse_lines(p, ".json files hold a list of objects or one object per line")
+        return
     try:
-        data = json.loads(text)
+        data = json.loads(p.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise UserError(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from None
-    return list(enumerate(data, start=1))
+    yield from enumerate(data, start=1)
 
 
-def _read_jsonl(p: Path) -> list[Row]:
-    return _parse_lines(p, p.read_text(encoding="utf-8-sig"), "each line must be one JSON object")
+def _first_char(p: Path) -> str:
+    """The first non-blank character: a JSON list file or JSON lines, without reading it all."""
+    with p.open(encoding="utf-8-sig") as fh:
+        while chunk := fh.read(4096):
+            if chunk.strip():
+                return chunk.lstrip()[0]
+    return ""
 
 
-def _parse_lines(p: Path, text: str, expected: str) -> list[Row]:
-    rows: list[Row] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"{p}, row {number}: malformed JSON line (column {err.colno}: {err.msg}); {expected}."
-            ) from None
-    return rows
+def _read_jsonl(p: Path) -> Iterator[Row]:
+    return _parse_lines(p, "each line must be one JSON object")
 
 
-def _read_csv(p: Path) -> list[Row]:
+def _parse_lines(p: Path, expected: str) -> Iterator[Row]:
+    with p.open(encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{p}, row {number}: malformed JSON line (column {err.colno}: {err.msg}); {expected}."
+                ) from None
+            yield number, record
+
+
+def _read_csv(p: Path) -> Iterator[Row]:
     return _read_delimited(p, csv.excel)
 
 
-def _read_tsv(p: Path) -> list[Row]:
+def _read_tsv(p: Path) -> Iterator[Row]:
     # GLUE's own TSVs hold unbalanced quotes inside sentences: quotes are plain text there
     class Tab(csv.excel_tab):
         quoting = csv.QUOTE_NONE
@@ -83,23 +108,30 @@ def _read_tsv(p: Path) -> list[Row]:
     return _read_delimited(p, Tab)
 
 
-def _read_delimited(p: Path, dialect: type[csv.Dialect]) -> list[Row]:
+def _read_delimited(p: Path, dialect: type[csv.Dialect]) -> Iterator[Row]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with p.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh, dialect=dialect)
         try:
             # a short line leaves missing cells as None, which the schema check reports as missing
-            return [(i, {k: v for k, v in rec.items() if k is not None}) for i, rec in enumerate(reader, 1)]
+            for i, rec in enumerate(reader, 1):
+                yield i, {k: v for k, v in rec.items() if k is not None}
         except csv.Error as err:
             kind = p.suffix[1:].upper()
             raise UserError(f"{p}, line {reader.line_num}: malformed {kind}: {err}.") from None
 
 
-def _read_parquet(p: Path) -> list[Row]:
+def _read_parquet(p: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(p)
+        batches = pq.ParquetFile(p).iter_batches(batch_size=1000)
+        number = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+    except UserError:
+        raise
     except Exception as err:  # pyarrow raises its own error types for corrupt files
         raise UserError(f"{p}: cannot read the Parquet file: {err}") from None
-    return list(enumerate(table.to_pylist(), start=1))

@@ -1,0 +1,175 @@
+"""Loss curves as PNG files: one run's ``loss.png`` and ``lrft plot`` overlays of several runs.
+
+Both read ``RUN/metrics.jsonl`` (train records carry ``step`` and ``loss``; evaluation records
+``step`` and ``eval/<metric>``). matplotlib is imported only here, lazily, and drawn through its
+Agg canvas directly, so no GUI backend is needed and a caller's own pyplot backend is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lrft.errors import UserError
+
+# evaluation keys that are counts or restate the loss: not curves worth a panel
+_NOT_CURVES = {"eval/loss", "eval/n", "eval/perplexity", "eval/invalid", "eval/truncated"}
+Curve = tuple[list[int], list[float]]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``; a half-written last line (a live run) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int | float):
+            records.append(record)
+    return records
+
+
+def curve(records: list[dict[str, Any]], key: str) -> Curve:
+    """(steps, values) of one metric, in step order, the last record winning for a repeated step
+    (a resumed run rewrites the steps after its checkpoint)."""
+    points: dict[int, float] = {}
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            points[int(record["step"])] = float(value)
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def write_loss_plot(run_dir: str | Path) -> Path | None:
+    """Draw ``run_dir/loss.png``: train and eval loss, plus the other eval metrics (accuracy,
+    F1...) in a second panel when there are any. Returns the file, or None before the first
+    record (or without matplotlib: a plot is never worth failing a run). The file is replaced
+    atomically, so a viewer never sees half of it."""
+    run_dir = Path(run_dir)
+    if importlib.util.find_spec("matplotlib") is None:  # a runtime dependency, but never fail a run
+        return None
+    records = read_metrics(run_dir)
+    train, evals = curve(records, "loss"), curve(records, "eval/loss")
+    others = sorted({k for r in records for k in r if k.startswith("eval/") and k not in _NOT_CURVES})
+    if not train[0] and not evals[0] and not others:
+        return None
+    fig, canvas = _figure(2 if others else 1)
+    ax = fig.axes[0]
+    _line(ax, train, "train", "tab:blue", "-")
+    _line(ax, evals, "eval", "tab:orange", "--", marker="o")
+    _style(ax, "loss", f"{run_dir.name}: loss")
+    if others:
+        metrics = fig.axes[1]
+        for i, key in enumerate(others):
+            _line(metrics, curve(records, key), key[len("eval/") :], f"C{(i + 2) % 10}", "--", marker="o")
+        _style(metrics, "eval metric", "evaluation")
+    return _save(fig, canvas, run_dir / "loss.png")
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, metric: str = "loss") -> Path:
+    """Overlay ``metric`` of several runs in one PNG: ``loss`` draws each run's train loss (solid)
+    and eval loss (dashed, same colour); any other name draws ``metric`` or ``eval/<metric>``."""
+    if not run_dirs:
+        raise UserError("lrft plot needs at least one run folder.")
+    runs = [Path(r) for r in run_dirs]
+    labels = _labels(runs)
+    fig, canvas = _figure(1)
+    ax = fig.axes[0]
+    missing = []
+    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        if not run.is_dir():
+            raise UserError(f"{run}: folder not found.")
+        records = read_metrics(run)
+        if not records:
+            raise UserError(f"{run}: no metrics.jsonl records (not a run folder, or no step logged yet).")
+        colour = f"C{i % 10}"
+        if metric == "loss":
+            lines = _line(ax, curve(records, "loss"), f"{label} train", colour, "-")
+            lines += _line(ax, curve(records, "eval/loss"), f"{label} eval", colour, "--", marker="o")
+        else:
+            key = metric if any(metric in r for r in records) else f"eval/{metric}"
+            lines = _line(ax, curve(records, key), label, colour, "-", marker="o")
+        if not lines:
+            missing.append(label)
+    if len(missing) == len(runs):
+        found = sorted({k for run in runs for r in read_metrics(run) for k in r if k != "step"})
+        raise UserError(f"No run has the metric '{metric}'. Metrics in these runs: {', '.join(found)}.")
+    shown = len(runs) - len(missing)
+    _style(ax, metric, f"{metric}: {shown} run" + ("s" if shown > 1 else ""))
+    for label in missing:
+        print(f"note: {label} has no '{metric}'; left out", file=sys.stderr)
+    return _save(fig, canvas, Path(out))
+
+
+def plot_main(argv: list[str]) -> int:
+    """``lrft plot RUN [RUN ...] [--out FILE] [--metric loss]``."""
+    parser = argparse.ArgumentParser(
+        prog="lrft plot", description="Overlay the curves of one or more run folders into one PNG."
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (holding metrics.jsonl)")
+    parser.add_argument("--out", default=None, help="PNG file to write (default: <metric>.png here)")
+    parser.add_argument(
+        "--metric", default="loss", help="loss (train + eval), or an eval metric: accuracy, f1, ..."
+    )
+    args = parser.parse_args(argv)
+    out = args.out or f"{args.metric.replace('/', '_')}.png"
+    path = plot_runs(args.runs, out, args.metric)
+    print(f"wrote {path}")
+    return 0
+
+
+def _figure(panels: int) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4 * panels, 4.2), dpi=110, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    fig.subplots(1, panels, squeeze=False)
+    return fig, canvas
+
+
+def _line(ax: Any, points: Curve, label: str, colour: str, style: str, marker: str | None = None) -> int:
+    steps, values = points
+    if not steps:
+        return 0
+    # markers only where points are sparse (evaluations), or a lone point would be invisible
+    show = marker if marker and len(steps) <= 60 else ("o" if len(steps) == 1 else None)
+    ax.plot(steps, values, style, color=colour, label=label, marker=show, markersize=4, linewidth=1.6)
+    return 1
+
+
+def _style(ax: Any, ylabel: str, title: str) -> None:
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize="small")
+
+
+def _labels(runs: list[Path]) -> list[str]:
+    """Folder names, lengthened with their parents until they differ (sweeps share leaf names)."""
+    depth = 1
+    while True:
+        labels = ["/".join(run.resolve().parts[-depth:]) for run in runs]
+        if len(set(labels)) == len(labels) or depth > 4:
+            return labels
+        depth += 1
+
+
+def _save(fig: Any, canvas: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    canvas.print_png(str(tmp))
+    tmp.replace(path)
+    return path
