@@ -31,6 +31,8 @@ SUBCOMMANDS = {
     "merge": "fold a run's trained state into the original base weights: a plain transformers folder",
     "export": "write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it)",
     "memory": "plan a run's memory (weights, gradients, optimizer, activations) without loading weights",
+    "generate": "answer prompts with a run, a merged export or a base model (streamed, or a JSONL batch)",
+    "chat": "chat with a run in the terminal, in its own chat template",
 }
 
 
@@ -198,12 +200,26 @@ def memory_cmd(argv: list[str]) -> int:
     return memory_main(argv)
 
 
+def generate_cmd(argv: list[str]) -> int:
+    from lrft.generate import generate_main
+
+    return generate_main(argv)
+
+
+def chat_cmd(argv: list[str]) -> int:
+    from lrft.generate import chat_main
+
+    return chat_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_cmd,
     "eval": eval_cmd,
     "merge": merge_cmd,
     "export": export_cmd,
     "memory": memory_cmd,
+    "generate": generate_cmd,
+    "chat": chat_cmd,
 }
 
 
