@@ -310,7 +310,8 @@ def run_chat(cfg: GenerateConfig, stdin: Any = None) -> list[dict[str, str]]:
     gen = load_generator(cfg)
     if gen.fmt != "chat":
         err.print(
-            f"[yellow]note:[/] this model uses the {gen.fmt} prompt, not a chat template: each line is answered on its own"
+            f"[yellow]note:[/] this model uses the {gen.fmt} prompt, not a chat template: "
+            "each line is answered on its own"
         )
     messages: list[dict[str, str]] = [{"role": "system", "content": cfg.system}] if cfg.system else []
     err.print("[bold]lrft chat[/]: type a message; /reset starts over, /exit (or Ctrl-D) quits")

@@ -214,8 +214,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 # default adapter targets by transformers ``model_type``; anything else: every linear layer but heads
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGETS_BY_TYPE: dict[str, list[str]] = {
-    **dict.fromkeys(
+TARGET_GROUPS: list[tuple[tuple[str, ...], list[str]]] = [
+    (
         (
             "llama",
             "mistral",
@@ -232,19 +232,16 @@ TARGETS_BY_TYPE: dict[str, list[str]] = {
             "granite",
             "smollm3",
             "cohere",
-            "starcoder2x",
         ),
         LLAMA_LIKE,
     ),
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-    **dict.fromkeys(
-        ("bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta", "deberta-v2"),
-        ["query", "value"],
-    ),
-    **dict.fromkeys(("t5", "mt5", "umt5"), ["q", "v"]),
-    **dict.fromkeys(("bart", "mbart"), ["q_proj", "v_proj"]),
-}
+    (("phi3",), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    (("phi",), ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
+    (("bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta", "deberta-v2"), ["query", "value"]),
+    (("t5", "mt5", "umt5"), ["q", "v"]),
+    (("bart", "mbart"), ["q_proj", "v_proj"]),
+]
+TARGETS_BY_TYPE = {kind: names for kinds, names in TARGET_GROUPS for kind in kinds}
 ENCODER_TYPES = (
     "bert",
     "roberta",
@@ -276,7 +273,7 @@ def checkpoint_name(name_or_path: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", last)
 
 
-def checkpoint_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+def checkpoint_config(name_or_path: str, revision: str | None = None, remote_code: bool = False) -> Any:
     """The checkpoint's ``config.json`` as a transformers config; a missing folder is named as such."""
     from transformers import AutoConfig
 
@@ -288,9 +285,7 @@ def checkpoint_config(name_or_path: str, revision: str | None = None, trust_remo
             f"model.name_or_path={name_or_path}: the folder has no config.json (not a checkpoint)."
         )
     try:
-        return AutoConfig.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code
-        )
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=remote_code)
     except (OSError, ValueError) as err:
         raise UserError(
             f"Cannot read the config of '{name_or_path}': {str(err).splitlines()[0]}\n"

@@ -94,7 +94,10 @@ def _say(text: str) -> None:
 
 def expected_columns(spec: Any, kind: str = "instruction") -> str:
     if kind == "chat":
-        return "messages: [{role: system|user|assistant, content: text}, ...] (or ShareGPT conversations), system (optional)"
+        return (
+            "messages: [{role: system|user|assistant, content: text}, ...] (or ShareGPT conversations), "
+            "system (optional)"
+        )
     if spec is None:
         return "instruction (text), input (optional text), output (text)"
     return ", ".join(spec.text_fields) + f", label ({label_choices(spec)})"
