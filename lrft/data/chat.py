@@ -7,7 +7,9 @@ The label mask is exact token by token because it is read off the rendered text 
 assistant turn ``i`` the template renders ``messages[:i]`` with the generation prompt and
 ``messages[:i+1]``; what the second adds to the first is exactly what the model must produce (its
 content and the end-of-turn token). The whole conversation is tokenized once, and a token is a label
-when its character span starts inside one of those assistant spans. This needs no generation tags in
+when its characters overlap one of those assistant spans: a BPE token that straddles the boundary
+(``"\n "`` before a reply that starts with a space) carries assistant text, so it is learned, which
+is also what transformers' ``return_assistant_tokens_mask`` marks. This needs no generation tags in
 the template, so it works with every template that renders conversations prefix by prefix.
 """
 
@@ -154,8 +156,8 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
-    for k, (s, _e) in enumerate(enc["offset_mapping"]):
-        if any(a <= s < b for a, b in spans):
+    for k, (s, e) in enumerate(enc["offset_mapping"]):
+        if any((s < b and e > a) if e > s else a <= s < b for a, b in spans):
             labels[k] = ids[k]
     return ids, labels
 
