@@ -179,3 +179,13 @@ def test_streamer_never_prints_the_end_of_turn_marker(capsys):
     for piece in ["HEL", "LO<|im", "_end|>", "junk"]:
         s._text(piece)
     assert capsys.readouterr().out == "HELLO\n"
+
+
+def test_eval_scores_the_rows_training_held_out(chat_run, tmp_path):
+    summary = json.loads((chat_run / "summary.json").read_text())
+    assert summary["eval"]["n"] == 1  # 5 % of 24 rows
+    assert main(["eval", f"checkpoint={chat_run}", f"output_dir={tmp_path}", "progress=false"]) == 0
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["results"]["validation"]["metrics"]["loss"] == pytest.approx(
+        summary["eval"]["loss"], rel=1e-4
+    )
