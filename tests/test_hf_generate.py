@@ -99,10 +99,12 @@ def chat_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("chat")
     run_dir = tmp / "run"
     data = chats(tmp / "chats.jsonl")
+    # model=hf on a saved checkpoint whose tokenizer carries the chat template
+    model = checkpoint(tmp / "tiny-chat", "llama", CHATML)
     overrides = [
-        "dataset=chat", f"dataset.data_files.train={data}", "dataset.chat_template=chatml",
+        "model=hf", f"model.name_or_path={model}", "dataset=chat", f"dataset.data_files.train={data}",
         "trainer.max_steps=4", "trainer.batch_size=4", "trainer.progress=false", "method=lora",
-        "model.from_config.num_hidden_layers=1", f"output_dir={run_dir}",
+        f"output_dir={run_dir}",
     ]  # fmt: skip
     torch.set_num_threads(1)
     train(compose(overrides), run_dir)
