@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,12 +251,26 @@ def _from_folder(cfg: GenerateConfig) -> tuple[nn.Module, Any, str, str | None]:
     return model, tokenizer, fmt or ("chat" if getattr(tokenizer, "chat_template", None) else "plain"), None
 
 
+TEXT_KEYS = ("prompt", "system")  # free text: taken verbatim, not parsed as Hydra values
+
+
+def quote_text(arg: str) -> str:
+    """``prompt=Hello, world`` would be a Hydra sweep (the comma) or a list (brackets): quote the text
+    so it arrives as typed. Already-quoted values pass through."""
+    key, _, value = arg.partition("=")
+    if key not in TEXT_KEYS or value[:1] in ("'", '"'):
+        return arg
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # escape quotes (and the
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)  # backslashes before them / at the end)
+    return f"{key}='{value}'"
+
+
 def compose_generate(argv: list[str]) -> GenerateConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     from lrft.config import compose
 
-    cfg = compose(argv, "generate")
+    cfg = compose([quote_text(a) for a in argv], "generate")
     try:
         typed = OmegaConf.merge(OmegaConf.structured(GenerateConfig), cfg)
     except OmegaConfBaseException as err:

@@ -191,3 +191,10 @@ def test_eval_scores_the_rows_training_held_out(chat_run, tmp_path):
     assert record["results"]["validation"]["metrics"]["loss"] == pytest.approx(
         summary["eval"]["loss"], rel=1e-4
     )
+
+
+@pytest.mark.parametrize("text", ["Hello, world", "it's [a] {b} \\n ok?", "ends with \\", "k=v: x"])
+def test_prompt_text_arrives_verbatim(text):
+    from lrft.generate import compose_generate
+
+    assert compose_generate(["checkpoint=RUN", f"prompt={text}"]).prompt == text
