@@ -22,6 +22,8 @@ EXAMPLES = """\
   lrft train method=lora_fa model=llama7b dataset=alpaca
   lrft train model=tiny_roberta dataset=glue/sst2 dataset.data_files.train=train.jsonl \\
              dataset.data_files.validation=dev.jsonl
+  lrft train model=hf model.name_or_path=DIR dataset=chat dataset.data_files.train=chats.jsonl
+  lrft generate checkpoint=runs/RUN prompt="Name three colors"
   lrft train -m method=lora,lora_fa method.r=4,8   sweep: one run folder per job
   lrft train model=llama7b --cfg job               print the composed config and exit"""
 
