@@ -237,6 +237,10 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
         GlobalHydra.instance().clear()
     if config_name == "train":
         validate(cfg)
+    elif config_name == "memory":  # train's groups: model=hf's task and targets come from the checkpoint
+        from lrft.models import resolve_model_config
+
+        resolve_model_config(cfg)
     return cfg
 
 
