@@ -203,13 +203,13 @@ def memory_cmd(argv: list[str]) -> int:
 
 
 def generate_cmd(argv: list[str]) -> int:
-    from lrft.generate import generate_main
+    from lrft.generate_cli import generate_main
 
     return generate_main(argv)
 
 
 def chat_cmd(argv: list[str]) -> int:
-    from lrft.generate import chat_main
+    from lrft.generate_cli import chat_main
 
     return chat_main(argv)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lrft.errors import EXIT_USAGE, UserError
+from lrft.errors import UserError
 
 FORMATS = ("auto", "chat", "alpaca", "plain")
 
@@ -251,37 +250,6 @@ def _from_folder(cfg: GenerateConfig) -> tuple[nn.Module, Any, str, str | None]:
     return model, tokenizer, fmt or ("chat" if getattr(tokenizer, "chat_template", None) else "plain"), None
 
 
-TEXT_KEYS = ("prompt", "system")  # free text: taken verbatim, not parsed as Hydra values
-
-
-def quote_text(arg: str) -> str:
-    """``prompt=Hello, world`` would be a Hydra sweep (the comma) or a list (brackets): quote the text
-    so it arrives as typed. Already-quoted values pass through."""
-    key, _, value = arg.partition("=")
-    if key not in TEXT_KEYS or value[:1] in ("'", '"'):
-        return arg
-    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # escape quotes (and the
-    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)  # backslashes before them / at the end)
-    return f"{key}='{value}'"
-
-
-def compose_generate(argv: list[str]) -> GenerateConfig:
-    from omegaconf.errors import OmegaConfBaseException
-
-    from lrft.config import compose
-
-    cfg = compose([quote_text(a) for a in argv], "generate")
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(GenerateConfig), cfg)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise UserError(f"Invalid value for {key}: {str(err).splitlines()[0]}") from None
-    out = OmegaConf.to_object(typed)
-    if out.max_new_tokens < 1 or out.batch_size < 1:
-        raise UserError("max_new_tokens and batch_size must be >= 1.")
-    return out
-
-
 def read_prompts(path: str) -> list[dict[str, Any]]:
     from lrft.data.files import read_rows
 
@@ -301,12 +269,15 @@ def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
         answer = gen.answer([gen.inputs(rows[0], cfg.system)], cfg, streamer)[0]
         if streamer is None:
             print(answer)
-        return [{**rows[0], "response": answer}]
-    out = []
-    for start in range(0, len(rows), cfg.batch_size):
-        batch = rows[start : start + cfg.batch_size]
-        answers = gen.answer([gen.inputs(r, cfg.system) for r in batch], cfg)
-        out += [{**r, "response": a} for r, a in zip(batch, answers, strict=True)]
+        out = [{**rows[0], "response": answer}]
+        if not cfg.output_file:
+            return out
+    else:
+        out = []
+        for start in range(0, len(rows), cfg.batch_size):
+            batch = rows[start : start + cfg.batch_size]
+            answers = gen.answer([gen.inputs(r, cfg.system) for r in batch], cfg)
+            out += [{**r, "response": a} for r, a in zip(batch, answers, strict=True)]
     path = Path(cfg.output_file).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -314,42 +285,6 @@ def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     os.replace(tmp, path)
     print(f"{len(out)} responses written to {path}", file=sys.stderr)
     return out
-
-
-def run_chat(cfg: GenerateConfig, stdin: Any = None) -> list[dict[str, str]]:
-    """Multi-turn chat on the terminal: each line is a user turn; /reset clears, /exit or EOF ends."""
-    from rich.console import Console
-
-    err = Console(stderr=True, highlight=False)
-    stdin = stdin or sys.stdin
-    gen = load_generator(cfg)
-    if gen.fmt != "chat":
-        err.print(
-            f"[yellow]note:[/] this model uses the {gen.fmt} prompt, not a chat template: "
-            "each line is answered on its own"
-        )
-    messages: list[dict[str, str]] = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    err.print("[bold]lrft chat[/]: type a message; /reset starts over, /exit (or Ctrl-D) quits")
-    while True:
-        err.print("[bold cyan]you>[/] ", end="")
-        line = stdin.readline()
-        if not line or line.strip() == "/exit":
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text == "/reset":
-            messages = messages[:1] if cfg.system else []
-            continue
-        messages.append({"role": "user", "content": text})
-        row = {"messages": messages} if gen.fmt == "chat" else {"prompt": text}
-        streamer = StopStreamer(gen.tokenizer, gen.stops) if cfg.stream else None
-        err.print("[bold green]assistant>[/] ", end="")
-        answer = gen.answer([gen.inputs(row)], cfg, streamer)[0]
-        if streamer is None:
-            print(answer, flush=True)
-        messages.append({"role": "assistant", "content": answer})
-    return messages
 
 
 class StopStreamer:
@@ -393,33 +328,3 @@ class StopStreamer:
         if stream_end or self.done:
             sys.stdout.write("\n")
         sys.stdout.flush()
-
-
-def _main(argv: list[str], chat: bool) -> int:
-    name = "chat" if chat else "generate"
-    if any(a in ("-h", "--help") for a in argv):
-        from lrft.config import config_dir
-
-        print(f"usage: lrft {name} checkpoint=RUN_DIR | model.name_or_path=DIR [key=value ...]\n")
-        print((config_dir() / "generate.yaml").read_text())
-        return 0
-    try:
-        cfg = compose_generate(argv)
-        if chat:
-            run_chat(cfg)
-        else:
-            run_generate(cfg)
-    except UserError as err:
-        from lrft.export import say
-
-        say(f"[bold red]error:[/] {err}")
-        return EXIT_USAGE
-    return 0
-
-
-def generate_main(argv: list[str]) -> int:
-    return _main(argv, chat=False)
-
-
-def chat_main(argv: list[str]) -> int:
-    return _main(argv, chat=True)

@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
 from lrft.cli import main
 from lrft.config import compose
 from lrft.data.chat import CHATML
-from lrft.generate import GenerateConfig, GenModel, StopStreamer, run_chat, run_generate
+from lrft.generate import GenerateConfig, GenModel, StopStreamer, run_generate
+from lrft.generate_cli import run_chat
 from lrft.merge import merge_run
 from lrft.models import LLAMA_LIKE, byte_tokenizer, load_tokenizer
 from lrft.train import train
@@ -195,6 +196,6 @@ def test_eval_scores_the_rows_training_held_out(chat_run, tmp_path):
 
 @pytest.mark.parametrize("text", ["Hello, world", "it's [a] {b} \\n ok?", "ends with \\", "k=v: x"])
 def test_prompt_text_arrives_verbatim(text):
-    from lrft.generate import compose_generate
+    from lrft.generate_cli import compose_generate
 
     assert compose_generate(["checkpoint=RUN", f"prompt={text}"]).prompt == text
