@@ -287,8 +287,9 @@ def checkpoint_config(name_or_path: str, revision: str | None = None, remote_cod
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=remote_code)
     except (OSError, ValueError) as err:
+        where = "" if folder.exists() else "folder not found here, and as a hub id: "
         raise UserError(
-            f"Cannot read the config of '{name_or_path}': {str(err).splitlines()[0]}\n"
+            f"model.name_or_path={name_or_path}: {where}{str(err).splitlines()[0]}\n"
             "Offline? Point model.name_or_path at a local folder."
         ) from None
 
