@@ -171,7 +171,7 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 def run_prompt_format(run_cfg: Any) -> str:
     """The prompt format a run trained with: chat (its template), alpaca or plain."""
     d = run_cfg.dataset
-    return "chat" if d.kind == "chat" else str(d.get("prompt_template") or "plain")
+    return "chat" if d.kind == "chat" else str(getattr(d, "prompt_template", None) or "plain")
 
 
 def generation_defaults(model: nn.Module, tokenizer: Any) -> None:
@@ -231,7 +231,7 @@ def _from_run(cfg: GenerateConfig) -> tuple[nn.Module, Any, str, str | None]:
             f"{cfg.checkpoint} trained a {run.cfg.model.task} model: lrft generate runs causal LMs."
         )
     fmt = run_prompt_format(run.cfg)
-    return run.model, run.tokenizer, fmt, run.cfg.dataset.get("chat_template")
+    return run.model, run.tokenizer, fmt, getattr(run.cfg.dataset, "chat_template", None)
 
 
 def _from_folder(cfg: GenerateConfig) -> tuple[nn.Module, Any, str, str | None]:

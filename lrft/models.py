@@ -129,7 +129,7 @@ def embedding_rows(mcfg: Any) -> int | None:
         data = json.loads(config.read_text())
         size = data.get("vocab_size") or (data.get("text_config") or {}).get("vocab_size")
         return int(size) if size else None
-    size = (mcfg.from_config or {}).get("vocab_size")
+    size = dict(mcfg.from_config or {}).get("vocab_size")
     return int(size) if size else None
 
 

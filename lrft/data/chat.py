@@ -169,7 +169,7 @@ def encode_chat(
 
     Too long: whole earlier exchanges go first (system turns stay), then the one left is cut.
     """
-    install_template(tokenizer, dcfg.get("chat_template"))
+    install_template(tokenizer, getattr(dcfg, "chat_template", None))
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(
             "dataset=chat needs a fast tokenizer (character offsets locate the assistant tokens)."

@@ -65,7 +65,7 @@ def holdout(records: list[tuple[int, Any]], dcfg: Any, split: str, source: str) 
     but the row count, so every launch and every rank holds out the same rows)."""
     import random
 
-    share = float(dcfg.get("eval_holdout", 0.05) or 0)
+    share = float(getattr(dcfg, "eval_holdout", 0.05) or 0)
     n = len(records)
     count = min(500, round(share * n)) if share < 1 else int(share)
     count = min(count, n - 1)  # keep at least one row to train on
