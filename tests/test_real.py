@@ -117,13 +117,13 @@ def test_smollm2_learns_a_reply_format_and_generate_matches_the_merged_folder(sm
     from lrft.train import train
 
     held_out = ["sun", "blood"]  # never in the training data: the format must generalise
-    data = chat_file(tmp_path / "chats.jsonl", [t for t in COLORS if t not in held_out], 64)
+    data = chat_file(tmp_path / "chats.jsonl", [t for t in COLORS if t not in held_out], 48)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": ask(t)}) + "\n" for t in held_out))
 
     def answers(**where) -> list[str]:
         out = tmp_path / "out.jsonl"
-        cfg = GenerateConfig(input_file=str(prompts), output_file=str(out), max_new_tokens=16, **where)
+        cfg = GenerateConfig(input_file=str(prompts), output_file=str(out), max_new_tokens=12, **where)
         return [r["response"] for r in run_generate(cfg)]
 
     before = answers(model=GenModel(name_or_path=str(smollm2)))
@@ -132,7 +132,8 @@ def test_smollm2_learns_a_reply_format_and_generate_matches_the_merged_folder(sm
     overrides = [
         "model=hf", f"model.name_or_path={smollm2}", "dataset=chat", f"dataset.data_files.train={data}",
         "dataset.eval_holdout=0", "dataset.max_length=96", "method=lora", "method.r=8",
-        "optimizer.lr=2e-3", "trainer.max_steps=24", "trainer.batch_size=8", "trainer.progress=false",
+        "optimizer.lr=3e-3", "trainer.max_steps=12", "trainer.batch_size=4", "trainer.log_every=1",
+        "trainer.progress=false",
         f"output_dir={run_dir}",
     ]  # fmt: skip
     cfg = compose(overrides)
@@ -141,10 +142,10 @@ def test_smollm2_learns_a_reply_format_and_generate_matches_the_merged_folder(sm
     losses = [
         json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
     ]
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert len(losses) == 12 and max(losses[-3:]) < 0.3 * losses[0], losses
     after = answers(checkpoint=str(run_dir))
     assert all(a.startswith("ANSWER:") and a.endswith(":END") for a in after), after
-    assert summary["steps"] == 24
+    assert summary["steps"] == 12
 
     merged = tmp_path / "merged"
     merge_run(run_dir, merged)
@@ -159,7 +160,7 @@ def test_smollm2_learns_a_reply_format_and_generate_matches_the_merged_folder(sm
             return_dict=True,
         )
         out = model.generate(
-            **enc, max_new_tokens=16, do_sample=False
+            **enc, max_new_tokens=12, do_sample=False
         )  # the folder's generation config stops it
         plain.append(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     assert plain == answers(model=GenModel(name_or_path=str(merged))) == after
