@@ -22,6 +22,8 @@ EXAMPLES = """\
   lrft train method=lora_fa model=llama7b dataset=alpaca
   lrft train model=tiny_roberta dataset=glue/sst2 dataset.data_files.train=train.jsonl \\
              dataset.data_files.validation=dev.jsonl
+  lrft train model=hf model.name_or_path=DIR dataset=chat dataset.data_files.train=chats.jsonl
+  lrft generate checkpoint=runs/RUN prompt="Name three colors"
   lrft train -m method=lora,lora_fa method.r=4,8   sweep: one run folder per job
   lrft train model=llama7b --cfg job               print the composed config and exit"""
 
@@ -32,6 +34,8 @@ SUBCOMMANDS = {
     "export": "write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it)",
     "memory": "plan a run's memory (weights, gradients, optimizer, activations) without loading weights",
     "plot": "overlay the loss (or an eval metric) of one or more run folders into one PNG",
+    "generate": "answer prompts with a run, a merged export or a base model (streamed, or a JSONL batch)",
+    "chat": "chat with a run in the terminal, in its own chat template",
 }
 
 
@@ -203,6 +207,16 @@ def plot_cmd(argv: list[str]) -> int:
     from lrft.plots import plot_main
 
     return plot_main(argv)
+def generate_cmd(argv: list[str]) -> int:
+    from lrft.generate_cli import generate_main
+
+    return generate_main(argv)
+
+
+def chat_cmd(argv: list[str]) -> int:
+    from lrft.generate_cli import chat_main
+
+    return chat_main(argv)
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
@@ -212,6 +226,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "export": export_cmd,
     "memory": memory_cmd,
     "plot": plot_cmd,
+    "generate": generate_cmd,
+    "chat": chat_cmd,
 }
 
 

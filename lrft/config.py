@@ -19,13 +19,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from lrft.errors import UserError, closest, did_you_mean
 
 TASKS = ("causal", "classification", "seq2seq")
-DATASET_KINDS = ("glue", "instruction", "mmlu")  # mmlu: evaluation only (not in COMPATIBLE)
+DATASET_KINDS = ("glue", "instruction", "chat", "mmlu")  # mmlu: evaluation only (not in COMPATIBLE)
 # which (model task, dataset kind) pairs make sense, and how
 COMPATIBLE = {
     ("classification", "glue"): "classification head on the GLUE label",
     ("seq2seq", "glue"): "text-to-text: the label is generated as a word",
     ("seq2seq", "instruction"): "text-to-text: the response is the target",
     ("causal", "instruction"): "causal LM, loss on the response tokens only",
+    ("causal", "chat"): "causal LM on the model's chat template, loss on the assistant turns only",
 }
 
 
@@ -34,7 +35,8 @@ class ModelConfig:
     """Which network to load and how. ``name_or_path`` wins over ``from_config``."""
 
     name: str = MISSING
-    task: str = MISSING  # causal | classification | seq2seq
+    # causal | classification | seq2seq; open (model=hf): inferred from the checkpoint + dataset kind
+    task: str | None = MISSING
     name_or_path: str | None = None  # hub id or local folder (from_pretrained)
     from_config: dict[str, Any] | None = None  # random init from these config kwargs (offline)
     arch: str | None = None  # transformers model_type used with from_config (llama, roberta, t5)
@@ -90,7 +92,7 @@ class MixSource:
 @dataclass
 class DatasetConfig:
     name: str = MISSING
-    kind: str = MISSING  # glue | instruction | mmlu
+    kind: str = MISSING  # glue | instruction | chat | mmlu
     path: str | None = None  # hub id for datasets.load_dataset
     subset: str | None = None  # hub config name (the GLUE task)
     data_files: DataFiles = field(default_factory=DataFiles)  # local files win over the hub
@@ -100,6 +102,10 @@ class DatasetConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     prompt_template: str = "alpaca"  # instruction data: alpaca | plain
+    # chat data: null = the tokenizer's own template; "chatml" (named fallback) or a Jinja file path
+    chat_template: str | None = None
+    # only a local train file: hold out this fraction (< 1, at most 500 rows) or count (>= 1) for eval
+    eval_holdout: float = 0.05
     shots: int = 5  # mmlu: k-shot examples from the dev split
     data_dir: str | None = None  # mmlu: local folder of Hendrycks CSVs (dev/, val/, test/)
     subjects: list[str] | None = None  # mmlu: null = every subject
@@ -201,6 +207,11 @@ def register_schemas() -> None:
     if not OmegaConf.has_resolver("bundled"):
         # ${bundled:quickstart/train.jsonl}: a data file shipped inside the package
         OmegaConf.register_new_resolver("bundled", lambda rel: str(Path(__file__).parent / "data" / rel))
+    if not OmegaConf.has_resolver("checkpoint_name"):
+        from lrft.models import checkpoint_name
+
+        # model=hf: the run is named after the checkpoint's folder / hub id
+        OmegaConf.register_new_resolver("checkpoint_name", checkpoint_name)
     if not OmegaConf.has_resolver("run_stamp"):
         OmegaConf.register_new_resolver("run_stamp", run_stamp)
     cs = ConfigStore.instance()
@@ -249,6 +260,10 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
         GlobalHydra.instance().clear()
     if config_name == "train":
         validate(cfg)
+    elif config_name == "memory":  # train's groups: model=hf's task and targets come from the checkpoint
+        from lrft.models import resolve_model_config
+
+        resolve_model_config(cfg)
     return cfg
 
 
@@ -326,9 +341,14 @@ def validate(cfg: DictConfig) -> None:
         return
     _check_keys(cfg)
     m, d, t = cfg.model, cfg.dataset, cfg.trainer
+    one_of("dataset.kind", d.kind, DATASET_KINDS)
+    if m.name_or_path is None and m.from_config is None:
+        raise UserError(f"model '{m.name}' has neither name_or_path nor from_config: set model.name_or_path.")
+    from lrft.models import resolve_model_config
+
+    resolve_model_config(cfg)  # model=hf: task, targets from the checkpoint (before any data encoding)
     one_of("model.task", m.task, TASKS)
     one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
-    one_of("dataset.kind", d.kind, DATASET_KINDS)
     from lrft.optim import OPTIMIZERS
 
     one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
@@ -336,8 +356,10 @@ def validate(cfg: DictConfig) -> None:
         one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
     one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
     one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
-    if m.name_or_path is None and m.from_config is None:
-        raise UserError(f"model '{m.name}' has neither name_or_path nor from_config: set model.name_or_path.")
+    if d.eval_holdout < 0:
+        raise UserError(
+            f"dataset.eval_holdout must be >= 0 (a fraction < 1 or a row count), got {d.eval_holdout}."
+        )
     if (m.task, d.kind) not in COMPATIBLE:
         works = "; ".join(f"{a} model + {b} data ({how})" for (a, b), how in COMPATIBLE.items())
         raise UserError(

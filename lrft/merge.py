@@ -98,6 +98,9 @@ def merge_run(checkpoint: str | Path, output: str | Path, opts: MergeOptions | N
         model.to(out_dtype)
         check_free_space(output, sum(p.numel() * p.element_size() for p in model.parameters()))
         say(f"merged {n_layers} adapted layers into {src.base_path} ({_name(out_dtype)})")
+        from lrft.generate import generation_defaults, run_prompt_format
+
+        generation_defaults(model, src.tokenizer)  # stop at the chat template's end-of-turn, as lrft generate
         with shard_progress():
             model.save_pretrained(tmp, max_shard_size=opts.max_shard_size)
         src.tokenizer.save_pretrained(tmp)
@@ -110,6 +113,7 @@ def merge_run(checkpoint: str | Path, output: str | Path, opts: MergeOptions | N
             "dtype": _name(out_dtype),
             "quantization": str(OmegaConf.select(cfg, "quantization.name", default="none")),
             "adapted_layers": n_layers,
+            "prompt_format": run_prompt_format(cfg),  # lrft generate on the folder prompts as the run did
             "verified": False,
         }
         del model, src.model  # the reload below must not hold two models

@@ -7,6 +7,9 @@ download at all.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,10 +83,17 @@ def head_kwargs(task: str, num_labels: int | None) -> dict[str, Any]:
 
 
 def load_tokenizer(mcfg: Any) -> Any:
-    """The model's tokenizer, with a pad token (causal LMs often lack one: reuse EOS)."""
+    """The model's tokenizer, with a pad token (causal LMs often lack one: reuse EOS).
+
+    A checkpoint's own tokenizer wins whenever ``name_or_path`` is set: a model fed another
+    tokenizer's ids is silently wrong (``model.tokenizer`` only serves folders that ship none).
+    A tokenizer with more ids than the model's embedding rows is refused, naming both sizes.
+    """
     from transformers import AutoTokenizer
 
-    source = mcfg.tokenizer or mcfg.name_or_path
+    source = mcfg.tokenizer
+    if (mcfg.name_or_path and has_tokenizer(str(mcfg.name_or_path))) or (mcfg.name_or_path and not source):
+        source = mcfg.name_or_path
     if source is None or source == "byte":
         tok = byte_tokenizer(mcfg.arch or "llama")
     else:
@@ -91,11 +101,47 @@ def load_tokenizer(mcfg: Any) -> Any:
             tok = AutoTokenizer.from_pretrained(
                 source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code
             )
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise UserError(f"Cannot load the tokenizer from '{source}': {err}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    check_vocab(tok, mcfg, str(source))
     return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "spiece.model")
+
+
+def has_tokenizer(name_or_path: str) -> bool:
+    """A local folder holding tokenizer files, or a hub id (which is assumed to ship one)."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return any((folder / f).is_file() for f in TOKENIZER_FILES)
+    return not looks_like_path(name_or_path)
+
+
+def embedding_rows(mcfg: Any) -> int | None:
+    """The model's vocabulary size from its config (no weights loaded), or None when unknown."""
+    if mcfg.name_or_path:
+        config = Path(str(mcfg.name_or_path)).expanduser() / "config.json"
+        if not config.is_file():
+            return None
+        data = json.loads(config.read_text())
+        size = data.get("vocab_size") or (data.get("text_config") or {}).get("vocab_size")
+        return int(size) if size else None
+    size = dict(mcfg.from_config or {}).get("vocab_size")
+    return int(size) if size else None
+
+
+def check_vocab(tokenizer: Any, mcfg: Any, source: str) -> None:
+    """Refuse a tokenizer whose ids would index past the embedding matrix."""
+    rows = embedding_rows(mcfg)
+    if rows is not None and len(tokenizer) > rows:
+        raise UserError(
+            f"The tokenizer from '{source}' has {len(tokenizer)} tokens but model "
+            f"'{mcfg.name_or_path or mcfg.name}' has {rows} embedding rows: its ids would not fit. "
+            "Use the checkpoint's own tokenizer (model.tokenizer=FOLDER) or a model built for this one."
+        )
 
 
 def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn.Module:
@@ -121,6 +167,9 @@ def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn
             from lrft.quantization import from_pretrained_kwargs
 
             load_kw.update(from_pretrained_kwargs(qcfg, mcfg))
+        where = str(mcfg.name_or_path)
+        if looks_like_path(where) and not Path(where).expanduser().exists():
+            raise UserError(f"model.name_or_path={where}: folder not found.")
         try:
             model = auto.from_pretrained(mcfg.name_or_path, **load_kw)
         except OSError as err:
@@ -159,3 +208,153 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+# ---------------------------------------------------------------- model=hf: any checkpoint
+
+# default adapter targets by transformers ``model_type``; anything else: every linear layer but heads
+LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_GROUPS: list[tuple[tuple[str, ...], list[str]]] = [
+    (
+        (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "smollm3",
+            "cohere",
+        ),
+        LLAMA_LIKE,
+    ),
+    (("phi3",), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    (("phi",), ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
+    (("bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta", "deberta-v2"), ["query", "value"]),
+    (("t5", "mt5", "umt5"), ["q", "v"]),
+    (("bart", "mbart"), ["q_proj", "v_proj"]),
+]
+TARGETS_BY_TYPE = {kind: names for kinds, names in TARGET_GROUPS for kind in kinds}
+ENCODER_TYPES = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "electra",
+    "camembert",
+    "deberta",
+    "deberta-v2",
+    "distilbert",
+    "albert",
+    "mpnet",
+    "modernbert",
+)
+CLASSIFICATION_HEADS = ["classifier", "score"]  # trained in full with a fresh head
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """True for what can only be a folder (``./x``, ``/x``, ``~/x``, ``a/b/c``); a bare ``org/name``
+    may be a hub id."""
+    s = name_or_path
+    return s.startswith(("/", ".", "~")) or s.endswith("/") or s.count("/") > 1 or "\\" in s
+
+
+def checkpoint_name(name_or_path: Any) -> str:
+    """A run label from a folder or hub id: its last path component (``org/Model-1B`` -> ``Model-1B``)."""
+    if not name_or_path:
+        return "hf"
+    last = Path(str(name_or_path).rstrip("/\\")).name or "hf"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", last)
+
+
+def checkpoint_config(name_or_path: str, revision: str | None = None, remote_code: bool = False) -> Any:
+    """The checkpoint's ``config.json`` as a transformers config; a missing folder is named as such."""
+    from transformers import AutoConfig
+
+    folder = Path(name_or_path).expanduser()
+    if not folder.exists() and looks_like_path(name_or_path):
+        raise UserError(f"model.name_or_path={name_or_path}: folder not found.")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise UserError(
+            f"model.name_or_path={name_or_path}: the folder has no config.json (not a checkpoint)."
+        )
+    try:
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=remote_code)
+    except (OSError, ValueError) as err:
+        where = "" if folder.exists() else "folder not found here, and as a hub id: "
+        raise UserError(
+            f"model.name_or_path={name_or_path}: {where}{str(err).splitlines()[0]}\n"
+            "Offline? Point model.name_or_path at a local folder."
+        ) from None
+
+
+def infer_task(config: Any, dataset_kind: str) -> str:
+    """causal for decoder-only, seq2seq for encoder-decoder, classification for encoders on GLUE."""
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if config.model_type in ENCODER_TYPES or "ForMaskedLM" in archs or "ForSequenceClassification" in archs:
+        if dataset_kind != "glue":
+            raise UserError(
+                f"{config.model_type} is an encoder-only model: it trains on GLUE-style classification "
+                f"data (dataset=glue/...), not on {dataset_kind} data. Or set model.task= explicitly."
+            )
+        return "classification"
+    return "causal"
+
+
+def default_targets(config: Any) -> list[str]:
+    return list(TARGETS_BY_TYPE.get(config.model_type, ["all-linear"]))
+
+
+def resolve_model_config(cfg: Any) -> Any:
+    """Fill what ``model=hf`` leaves open from the checkpoint itself, in place; returns ``cfg``.
+
+    Task (unless ``model.task`` is set), adapter targets (unless ``model.target_modules`` is set)
+    and, for classification, the head trained in full. Presets (llama7b, tiny_*) pass through.
+    Prints the choices once, so a run's log says what was inferred.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    m = cfg.model
+    open_task = OmegaConf.is_missing(m, "task") or m.task is None
+    if not open_task and (list(m.target_modules) or not m.name_or_path):
+        return cfg  # a preset: everything is said
+    if not m.name_or_path:
+        raise UserError(
+            f"model '{m.name}' needs model.name_or_path=HUB_ID_OR_FOLDER (a transformers checkpoint)."
+        )
+    config = checkpoint_config(str(m.name_or_path), m.revision, m.trust_remote_code)
+    notes = []
+    with open_dict(m):
+        if open_task:
+            m.task = infer_task(config, str(cfg.dataset.kind))
+            notes.append(f"task {m.task} ({config.model_type})")
+        if not list(m.target_modules):
+            m.target_modules = default_targets(config)
+            notes.append(f"target modules {', '.join(m.target_modules)}")
+        if m.task == "classification" and not list(m.modules_to_save):
+            m.modules_to_save = list(CLASSIFICATION_HEADS)
+    if notes:
+        _say_once(f"model=hf {m.name_or_path}: " + "; ".join(notes))
+    return cfg
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(text: str) -> None:
+    import os
+
+    if text in _SAID or os.environ.get("RANK", "0") != "0":
+        return
+    _SAID.add(text)
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, soft_wrap=True)

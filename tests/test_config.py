@@ -10,7 +10,7 @@ from lrft.config import GROUPS, compose, group_options
 from lrft.errors import UserError
 
 DATASET_FOR = {"classification": "glue/sst2", "seq2seq": "glue/sst2", "causal": "quickstart"}
-MODEL_FOR = {"glue": "tiny_roberta", "instruction": "tiny_llama"}
+MODEL_FOR = {"glue": "tiny_roberta", "instruction": "tiny_llama", "chat": "tiny_llama"}
 
 
 def test_groups_have_the_required_options():
@@ -35,6 +35,10 @@ def test_groups_have_the_required_options():
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in group_options(g)])
 def test_every_option_composes(group, option):
     overrides = [f"{group}={option}"]
+    if group == "model" and option == "hf":  # everything comes from the checkpoint: tests/test_hf_chat.py
+        with pytest.raises(UserError, match=r"set model.name_or_path"):
+            compose(overrides)
+        return
     if group == "model":
         task = compose([*overrides, "dataset=glue/sst2"] if "llama" not in option else overrides).model.task
         overrides.append(f"dataset={DATASET_FOR[task]}")
@@ -46,7 +50,7 @@ def test_every_option_composes(group, option):
             compose([*overrides, "model=tiny_llama"])
         return
     if group == "dataset":
-        kind = "glue" if option.startswith("glue/") else "instruction"
+        kind = "glue" if option.startswith("glue/") else "chat" if option == "chat" else "instruction"
         overrides.append(f"model={MODEL_FOR[kind]}")
     cfg = compose(overrides)
     assert cfg[group].name

@@ -28,6 +28,10 @@ def encode_rows(rows: list[dict[str, Any]], dcfg: Any, task: str, tokenizer: Any
     max_length = int(dcfg.max_length)
     if max_length < 2:
         raise UserError(f"dataset.max_length must be >= 2, got {max_length}.")
+    if dcfg.kind == "chat":
+        from lrft.data.chat import encode_chat
+
+        return encode_chat(rows, dcfg, tokenizer, max_length)
     out: list[dict[str, Any]] = []
     for chunk in _chunks(rows):
         if dcfg.kind == "glue":

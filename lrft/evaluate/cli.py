@@ -41,6 +41,7 @@ EVAL_COMPATIBLE = {
     ("causal", "glue"): "label words scored by log-likelihood after a prompt",
     ("seq2seq", "instruction"): "token loss and perplexity on the response",
     ("causal", "instruction"): "token loss and perplexity on the response",
+    ("causal", "chat"): "token loss and perplexity on the assistant turns",
     ("causal", "mmlu"): "k-shot, next-token likelihood of the answer letters",
 }
 _BY_HAND = {"model": ModelConfig, "dataset": DatasetConfig}
@@ -257,6 +258,10 @@ def infer_task(name_or_path: str) -> str | None:
 
 def validate_eval(cfg: DictConfig) -> None:
     m, d = cfg.model, cfg.dataset
+    if OmegaConf.is_missing(m, "task") or m.task is None:  # model=hf: the task comes from the checkpoint
+        from lrft.models import resolve_model_config
+
+        resolve_model_config(cfg)
     one_of("model.task", m.task, TASKS)
     one_of("dataset.kind", d.kind, DATASET_KINDS)
     if (m.task, d.kind) not in EVAL_COMPATIBLE:

@@ -177,7 +177,8 @@ def resolve_splits(d: DictConfig, cfg: DictConfig, notes: list[str]) -> list[tup
         if local:
             key = {"train": "train", "validation_mismatched": "validation_mismatched"}.get(name, "validation")
             known = ("train", "validation", "validation_matched", "validation_mismatched", d.eval_split)
-            if name not in known or not files[key]:
+            held_out = key == "validation" and not files[key] and files.train  # rows held out of train
+            if name not in known or not (files[key] or held_out):
                 have = [k for k in files if files[k]]
                 raise UserError(
                     f"dataset '{d.name}' has no '{name}' split: its local files are "
