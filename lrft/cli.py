@@ -79,6 +79,21 @@ def print_train_help() -> None:
     out.print(EXAMPLES, markup=False, highlight=False)
 
 
+def print_versions() -> None:
+    """lrft's version and its key dependencies', read from the installed metadata (no imports)."""
+    from importlib import metadata
+
+    from lrft import __version__
+
+    out.print(f"lrft {__version__}", highlight=False)
+    for pkg in ("torch", "transformers", "accelerate", "peft", "datasets", "hydra-core", "bitsandbytes"):
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        out.print(f"  {pkg} {version}", highlight=False)
+
+
 def expand_sweeps(overrides: list[str], limit: int = 64) -> list[list[str]]:
     """Every combination a ``-m`` sweep would run (capped), so each is validated before any work."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -99,6 +114,9 @@ def train_cmd(argv: list[str]) -> int:
 
     from lrft.config import compose
 
+    if "--version" in argv:  # Hydra's own flag would print Hydra's version
+        print_versions()
+        return 0
     args = get_args_parser().parse_intermixed_args(argv)
     if args.help:
         print_train_help()
@@ -107,12 +125,27 @@ def train_cmd(argv: list[str]) -> int:
         combos = expand_sweeps(args.overrides) if args.multirun else [args.overrides]
     except Exception as err:  # the override grammar's own errors
         raise UserError(f"Cannot parse the overrides {args.overrides}: {err}") from None
-    for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
-        compose(combo)
     flags = list(argv)
     for override in args.overrides:
         flags.remove(override)
-    return _run_hydra(flags, args.overrides)
+    overrides = list(args.overrides)
+    inspecting = args.cfg or args.info or args.shell_completion
+    if not args.multirun and not inspecting:  # sweeps write fresh multirun/ folders
+        from lrft.runs import prepare
+
+        prepared = prepare(overrides, say=lambda text: console.print(text, highlight=False, markup=False))
+        if prepared is None:
+            return 0  # a finished run resumed: nothing left to do
+        overrides = prepared
+        combos = [overrides]
+    for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
+        compose(combo)
+    return _run_hydra(_info_flag(flags), overrides)
+
+
+def _info_flag(flags: list[str]) -> list[str]:
+    """A bare ``--info`` would take the next argument as its choice: make it ``--info=all``."""
+    return ["--info=all" if f in ("--info", "-i") else f for f in flags]
 
 
 def _run_hydra(flags: list[str], overrides: list[str]) -> int:
@@ -129,17 +162,24 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
         from lrft.train import train
 
         hc = HydraConfig.get()
+        run_dir = hc.runtime.output_dir
         try:
             validate(cfg)
             with open_dict(cfg):
-                cfg.output_dir = hc.runtime.output_dir
-            train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+                cfg.output_dir = run_dir
+            train(cfg, run_dir, list(hc.overrides.task))
         except UserError as err:
             console.print(f"[bold red]error:[/] {err}", highlight=False)
+            _after_failure(run_dir, str(err))
             sys.exit(EXIT_USAGE)
         except Interrupted as stop:
             console.print(f"[bold yellow]{stop}[/]", highlight=False)
-            sys.exit(130)
+            sys.exit(getattr(stop, "code", 130))
+        except Exception:
+            import traceback
+
+            _after_failure(run_dir, traceback.format_exc())
+            raise
 
     saved = sys.argv
     # flags first: Hydra's parser wants the overrides in one contiguous run
@@ -152,6 +192,19 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def _after_failure(run_dir: str, message: str) -> None:
+    """A run that failed: remove its folder if training never started, else leave error.txt."""
+    from pathlib import Path
+
+    from lrft.runs import failed_before_training
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    done = failed_before_training(Path(run_dir), message)
+    if done:
+        console.print(f"[dim]{done}[/]", highlight=False)
 
 
 def _distributed_overrides(overrides: list[str]) -> list[str]:
@@ -212,10 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_overview()
         return 0
-    if argv[0] == "--version":
-        from lrft import __version__
-
-        out.print(__version__)
+    if argv[0] in ("--version", "-V"):
+        print_versions()
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:

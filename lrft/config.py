@@ -115,10 +115,12 @@ class TrainerConfig:
     report_to: str | None = None  # tensorboard
     keep_checkpoints: int = 2
     progress: bool = True
-    resume: str | None = None  # auto: newest intact checkpoint in output_dir; or a checkpoint path
+    # auto: continue the run at output_dir from its newest intact checkpoint, with its own config
+    resume: str | None = None
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM save a checkpoint before exiting
     untrained_warn_steps: int = 20  # warn if zero-initialised adapters (B) are still zero by then
+    overwrite: bool = False  # replace a finished run at output_dir (only the files lrft wrote)
 
 
 @dataclass

@@ -13,7 +13,15 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Training stopped by Ctrl-C or SIGTERM after saving what it could (exit code 130)."""
+    """Training stopped by Ctrl-C or SIGTERM after saving what it could.
+
+    ``code`` is the process exit status the CLI returns: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
+    (128 + the signal number, what shells and schedulers expect).
+    """
+
+    def __init__(self, message: str = "", code: int = 130) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def closest(word: str, options: Iterable[str], n: int = 3) -> list[str]:
