@@ -10,6 +10,7 @@ from dataclasses import MISSING, fields
 from itertools import islice, product
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lrft.errors import EXIT_USAGE, Interrupted, UserError, did_you_mean
@@ -133,7 +134,9 @@ def train_cmd(argv: list[str]) -> int:
     if not args.multirun and not inspecting:  # sweeps write fresh multirun/ folders
         from lrft.runs import prepare
 
-        prepared = prepare(overrides, say=lambda text: console.print(text, highlight=False, markup=False))
+        prepared = prepare(
+            overrides, say=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True)
+        )
         if prepared is None:
             return 0  # a finished run resumed: nothing left to do
         overrides = prepared
@@ -141,6 +144,10 @@ def train_cmd(argv: list[str]) -> int:
     for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
         compose(combo)
     return _run_hydra(_info_flag(flags), overrides)
+
+
+def _say(text: str) -> None:
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 def _info_flag(flags: list[str]) -> list[str]:
@@ -169,11 +176,11 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
                 cfg.output_dir = run_dir
             train(cfg, run_dir, list(hc.overrides.task))
         except UserError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             _after_failure(run_dir, str(err))
             sys.exit(EXIT_USAGE)
         except Interrupted as stop:
-            console.print(f"[bold yellow]{stop}[/]", highlight=False)
+            console.print(f"[bold yellow]{escape(str(stop))}[/]", highlight=False, soft_wrap=True)
             sys.exit(getattr(stop, "code", 130))
         except Exception:
             import traceback
@@ -204,7 +211,7 @@ def _after_failure(run_dir: str, message: str) -> None:
         return
     done = failed_before_training(Path(run_dir), message)
     if done:
-        console.print(f"[dim]{done}[/]", highlight=False)
+        console.print(f"[dim]{escape(done)}[/]", highlight=False, soft_wrap=True)
 
 
 def _distributed_overrides(overrides: list[str]) -> list[str]:
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[cmd](rest)
     except UserError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
 
 
