@@ -6,7 +6,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, fields
 from itertools import islice, product
 
 from rich.console import Console
@@ -49,33 +48,35 @@ def print_overview() -> None:
 
 
 def print_train_help() -> None:
-    from lrft.config import GROUPS, TrainerConfig, group_options
+    """Config groups and every trainer key with its EFFECTIVE default: the one ``lrft train``
+    runs with (the default dataset config sets its own trainer values), read by composing it."""
+    from omegaconf import OmegaConf
 
-    out.print("[bold]lrft train[/] [group=option ...] [group.key=value ...] [-m] [--cfg job]\n")
+    from lrft.config import GROUPS, TrainerConfig, compose, group_options
+    from lrft.help import flatten, schema_table
+
+    cfg = compose([])
+    out.print("[bold]lrft train[/] " + escape("[group=option ...] [group.key=value ...] [-m] [--cfg job]\n"))
     table = Table(title="config groups (defaults in bold)", show_lines=False)
     table.add_column("group")
     table.add_column("options")
-    defaults = {
-        "model": "tiny_llama",
-        "method": "lora_fa",
-        "quantization": "none",
-        "optimizer": "adamw",
-        "dataset": "quickstart",
-    }
     for group in GROUPS:
-        opts = [f"[bold]{o}[/]" if o == defaults[group] else o for o in group_options(group)]
+        chosen = str(cfg[group].name)
+        opts = [f"[bold]{o}[/]" if o == chosen else o for o in group_options(group)]
         table.add_row(group, ", ".join(opts))
     out.print(table)
-    keys = Table(title="trainer.* keys", show_header=True)
-    keys.add_column("key")
-    keys.add_column("default")
-    for f in fields(TrainerConfig):
-        keys.add_row(f"trainer.{f.name}", repr(f.default) if f.default is not MISSING else "")
-    out.print(keys)
+    values = flatten(OmegaConf.to_container(cfg.trainer, resolve=True), "trainer.")
+    title = f"trainer.* keys (defaults as `lrft train` runs them, with dataset={cfg.dataset.name})"
+    out.print(schema_table(title, TrainerConfig, "trainer.", values))
     out.print(
+        f"Also set by dataset={cfg.dataset.name}: optimizer.lr={cfg.optimizer.lr}, "
+        f"dataset.max_length={cfg.dataset.max_length}.\n"
         "Each group's keys: `lrft train --cfg job` prints them all, e.g. method.r, method.alpha,\n"
         "method.dropout, method.target_modules, optimizer.lr, dataset.data_files.train, model.name_or_path.\n"
-        "Hydra's own flags: --cfg job|hydra|all, -m/--multirun, --info, --hydra-help.\n\nexamples:"
+        "Resume a stopped run with `lrft train output_dir=RUN trainer.resume=auto` (its own config).\n"
+        "Global flags: -v/--verbose (or verbose=true) shows third-party progress bars and warnings.\n"
+        "Hydra's own flags: --cfg job|hydra|all, -m/--multirun, --info, --hydra-help.\n\nexamples:",
+        highlight=False,
     )
     out.print(EXAMPLES, markup=False, highlight=False)
 
@@ -160,7 +161,14 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, open_dict
 
-    from lrft.config import config_dir, normalize_overrides, register_schemas, searchpath_override, validate
+    from lrft.config import (
+        absolute_paths,
+        config_dir,
+        normalize_overrides,
+        register_schemas,
+        searchpath_override,
+        validate,
+    )
 
     register_schemas()
 
@@ -174,6 +182,7 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
             validate(cfg)
             with open_dict(cfg):
                 cfg.output_dir = run_dir
+            absolute_paths(cfg)
             train(cfg, run_dir, list(hc.overrides.task))
         except UserError as err:
             console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)

@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from lrft.errors import UserError, closest, did_you_mean
 
 TASKS = ("causal", "classification", "seq2seq")
+OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "galore_adamw", "galore_adamw8bit")
 DATASET_KINDS = ("glue", "instruction", "mmlu")  # mmlu: evaluation only (not in COMPATIBLE)
 # which (model task, dataset kind) pairs make sense, and how
 COMPATIBLE = {
@@ -96,25 +97,25 @@ class DatasetConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = -1  # > 0 wins over epochs
-    epochs: float = 1.0
-    batch_size: int = 8
-    eval_batch_size: int | None = None
-    grad_accum: int = 1
-    log_every: int = 10
+    max_steps: int = -1  # > 0: train this many optimizer steps (wins over epochs); -1: use epochs
+    epochs: float = 1.0  # passes over the training set (fractions allowed)
+    batch_size: int = 8  # examples per micro-batch, per process
+    eval_batch_size: int | None = None  # null: batch_size
+    grad_accum: int = 1  # micro-batches per optimizer step
+    log_every: int = 10  # steps between loss records in metrics.jsonl
     eval_every: int = 0  # 0: evaluate once at the end
     save_every: int = 0  # 0: only the final state
-    seed: int = 42
+    seed: int = 42  # data order, dropout and adapter init
     mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     max_grad_norm: float = 1.0  # 0 disables clipping
     lr_scheduler: str = "linear"  # linear | cosine | constant
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # linear warmup steps (wins over warmup_ratio)
+    warmup_ratio: float = 0.0  # warmup as a share of the total steps
     cpu: bool = False  # force CPU even when a GPU is there
     report_to: str | None = None  # tensorboard
-    keep_checkpoints: int = 2
-    progress: bool = True
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints
+    progress: bool = True  # the progress bar and the summary table
     # auto: continue the run at output_dir from its newest intact checkpoint, with its own config
     resume: str | None = None
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
@@ -228,7 +229,27 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
         GlobalHydra.instance().clear()
     if config_name == "train":
         validate(cfg)
+    absolute_paths(cfg)
     return cfg
+
+
+PATH_KEYS = (
+    "dataset.data_files.train",
+    "dataset.data_files.validation",
+    "dataset.data_files.validation_mismatched",
+    "dataset.data_dir",
+)
+
+
+def absolute_paths(cfg: DictConfig, base: Path | None = None) -> None:
+    """Store local data paths absolute, so the saved config works from any folder (``lrft eval
+    checkpoint=RUN`` run elsewhere); hub ids and URLs are left as they are."""
+    base = base or Path.cwd()
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+            continue
+        OmegaConf.update(cfg, key, str((base / Path(value).expanduser()).resolve()), merge=False)
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -308,8 +329,6 @@ def validate(cfg: DictConfig) -> None:
     one_of("model.task", m.task, TASKS)
     one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
     one_of("dataset.kind", d.kind, DATASET_KINDS)
-    from lrft.optim import OPTIMIZERS
-
     one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
     one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
@@ -325,23 +344,29 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "grad_accum"):
         if t[key] < 1:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise UserError(
+            f"trainer.max_steps={t.max_steps} would train nothing: set trainer.max_steps > 0, or -1 to "
+            "train for trainer.epochs epochs."
+        )
     if t.max_steps <= 0 and t.epochs <= 0:
         raise UserError("Set trainer.max_steps > 0 or trainer.epochs > 0.")
     if cfg.optimizer.lr <= 0:
         raise UserError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}.")
-    from lrft.methods.registry import get_method
+    from lrft.methods.registry import validate_method
 
-    get_method(cfg.method.name).validate(cfg)
+    validate_method(cfg)
 
 
 def _check_keys(cfg: DictConfig) -> None:
     """Keys added with ``+group.key=...`` bypass Hydra's struct check: hold them to the schema too."""
     from dataclasses import fields
 
-    from lrft.methods.registry import METHODS, get_method
+    from lrft.methods.registry import METHODS
 
     schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig)
-    get_method(cfg.method.name)
+    if cfg.method.name not in METHODS:
+        raise UserError(f"Unknown method '{cfg.method.name}'.{did_you_mean(cfg.method.name, METHODS)}")
     schemas["method"] = METHODS[cfg.method.name].config
     for group, schema in schemas.items():
         valid = [f.name for f in fields(schema)]

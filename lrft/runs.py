@@ -202,7 +202,7 @@ def resume_overrides(run_dir: Path, given: list[str], say: Any = print) -> list[
             ".hydra/overrides.yaml): resume it with the full original command plus trainer.resume=auto."
         )
     own = ("output_dir", "trainer.resume", "trainer.overwrite")
-    base = [o for o in saved if _key(o) not in own]
+    base = [_pinned(o, run_dir) for o in saved if _key(o) not in own]
     extra = [o for o in given if _key(o) not in own]
     merged = [*base, *extra, *(o for o in given if _key(o) in own)]
     cfg = compose(merged)
@@ -230,6 +230,20 @@ def resume_overrides(run_dir: Path, given: list[str], say: Any = print) -> list[
     if extra:
         say(f"  and, on top: {' '.join(extra)}")
     return merged
+
+
+def _pinned(override: str, run_dir: Path) -> str:
+    """A data path override as the run resolved it (absolute in its config.yaml): a relative path
+    typed in another folder must not point somewhere else at resume."""
+    from omegaconf import OmegaConf
+
+    from lrft.config import PATH_KEYS
+
+    key = _key(override)
+    if key not in PATH_KEYS or not (run_dir / "config.yaml").is_file():
+        return override
+    value = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), key, default=None)
+    return override if value is None else f"{override.partition('=')[0]}={value}"
 
 
 def _harmless(key: str) -> bool:

@@ -154,6 +154,28 @@ def test_resume_recomposes_the_saved_overrides_and_lists_the_extra_ones(tmp_path
         prepare([f"output_dir={run}", "trainer.resume=auto", "trainer.batch_size=2"], say=said.append)
 
 
+def test_data_paths_are_stored_absolute_and_a_resume_elsewhere_keeps_them(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    rows = tmp_path / "data" / "inst.jsonl"
+    rows.write_text(json.dumps({"instruction": "Up.", "input": "a", "output": "A"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    saved = ["dataset.data_files.train=data/inst.jsonl", "trainer.max_steps=4"]
+    cfg = compose(saved)
+    assert cfg.dataset.data_files.train == str(rows)
+    run = fake_run(tmp_path, saved, step=2)
+    assert OmegaConf.load(run / "config.yaml").dataset.data_files.train == str(rows)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    got = prepare([f"output_dir={run}", "trainer.resume=auto"], say=lambda _: None)
+    assert compose(got).dataset.data_files.train == str(rows)
+
+
+def test_max_steps_zero_is_refused():
+    with pytest.raises(UserError, match="would train nothing"):
+        compose(["trainer.max_steps=0"])
+
+
 def test_a_resume_past_its_schedule_is_refused(tmp_path):
     run = fake_run(tmp_path, ["trainer.max_steps=4"], step=9)
     with pytest.raises(UserError, match=r"step 9, past the schedule's trainer\.max_steps=4"):
