@@ -277,7 +277,10 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from lrft.quiet import setup, split_verbose
+
+    argv, verbose = split_verbose(sys.argv[1:] if argv is None else argv)
+    setup(verbose)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_overview()
         return 0
