@@ -49,34 +49,36 @@ def print_overview() -> None:
 
 def print_train_help() -> None:
     """Config groups and every trainer key with its EFFECTIVE default: the one ``lrft train``
-    runs with (the default dataset config sets its own trainer values), read by composing it."""
-    from omegaconf import OmegaConf
+    runs with (the default dataset config sets its own trainer values)."""
+    from lrft.config import GROUPS, TrainerConfig, group_options
+    from lrft.help import schema_table, train_defaults
 
-    from lrft.config import GROUPS, TrainerConfig, compose, group_options
-    from lrft.help import flatten, schema_table
-
-    cfg = compose([])
+    choices, values = train_defaults()
     out.print("[bold]lrft train[/] " + escape("[group=option ...] [group.key=value ...] [-m] [--cfg job]\n"))
     table = Table(title="config groups (defaults in bold)", show_lines=False)
     table.add_column("group")
     table.add_column("options")
     for group in GROUPS:
-        chosen = str(cfg[group].name)
-        opts = [f"[bold]{o}[/]" if o == chosen else o for o in group_options(group)]
+        opts = [f"[bold]{o}[/]" if o == choices.get(group) else o for o in group_options(group)]
         table.add_row(group, ", ".join(opts))
     out.print(table)
-    values = flatten(OmegaConf.to_container(cfg.trainer, resolve=True), "trainer.")
-    title = f"trainer.* keys (defaults as `lrft train` runs them, with dataset={cfg.dataset.name})"
+    dataset = choices.get("dataset", "?")
+    title = f"trainer.* keys (defaults as `lrft train` runs them, with dataset={dataset})"
     out.print(schema_table(title, TrainerConfig, "trainer.", values))
+    also = [
+        f"{k}={v}"
+        for k, v in values.items()
+        if k in ("optimizer.lr", "dataset.max_length", "dataset.prompt_template")
+    ]
     out.print(
-        f"Also set by dataset={cfg.dataset.name}: optimizer.lr={cfg.optimizer.lr}, "
-        f"dataset.max_length={cfg.dataset.max_length}.\n"
-        "Each group's keys: `lrft train --cfg job` prints them all, e.g. method.r, method.alpha,\n"
+        (f"Also set by dataset={dataset}: {', '.join(also)}.\n" if also else "")
+        + "Each group's keys: `lrft train --cfg job` prints them all, e.g. method.r, method.alpha,\n"
         "method.dropout, method.target_modules, optimizer.lr, dataset.data_files.train, model.name_or_path.\n"
         "Resume a stopped run with `lrft train output_dir=RUN trainer.resume=auto` (its own config).\n"
         "Global flags: -v/--verbose (or verbose=true) shows third-party progress bars and warnings.\n"
         "Hydra's own flags: --cfg job|hydra|all, -m/--multirun, --info, --hydra-help.\n\nexamples:",
         highlight=False,
+        markup=False,
     )
     out.print(EXAMPLES, markup=False, highlight=False)
 
@@ -112,13 +114,20 @@ def expand_sweeps(overrides: list[str], limit: int = 64) -> list[list[str]]:
 
 
 def train_cmd(argv: list[str]) -> int:
+    if "--version" in argv:  # Hydra's own flag would print Hydra's version
+        print_versions()
+        return 0
+    if argv and argv[0] in ("-h", "--help"):  # Hydra's parser would cost its import
+        print_train_help()
+        return 0
+    if not any(a.startswith("-") for a in argv):
+        from lrft.config import quick_check
+
+        quick_check(argv)  # the common typos answer before Hydra is even imported
     from hydra._internal.utils import get_args_parser
 
     from lrft.config import compose
 
-    if "--version" in argv:  # Hydra's own flag would print Hydra's version
-        print_versions()
-        return 0
     args = get_args_parser().parse_intermixed_args(argv)
     if args.help:
         print_train_help()

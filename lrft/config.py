@@ -252,6 +252,45 @@ def absolute_paths(cfg: DictConfig, base: Path | None = None) -> None:
         OmegaConf.update(cfg, key, str((base / Path(value).expanduser()).resolve()), merge=False)
 
 
+_SIMPLE = re.compile(r"^([A-Za-z_]\w*)((?:\.\w+)*)=([\w./-]*)$")
+TOP_KEYS = (*GROUPS, "trainer", "output_dir", "recipes")
+
+
+def quick_check(overrides: list[str]) -> None:
+    """Plain ``group=option`` and ``group.key=value`` overrides checked against the option files and
+    the schemas, without Hydra: the common typos get their did-you-mean at once. Anything else
+    (sweeps, ``+``/``~``, interpolations) is left to :func:`compose`, which checks everything."""
+    from dataclasses import fields, is_dataclass
+
+    from lrft.methods.registry import METHODS
+
+    parsed = [m.groups() for m in map(_SIMPLE.match, overrides) if m]
+    method = "lora_fa"
+    for top, rest, value in parsed:
+        if top not in TOP_KEYS:
+            raise UserError(f"Unknown config key '{top}{rest}'.{did_you_mean(top, TOP_KEYS)}")
+        if top in (*GROUPS, "recipes") and not rest and value:
+            options = group_options(top)
+            if value not in options:
+                raise UserError(f"Unknown option '{value}' for {top}.{did_you_mean(value, options)}")
+            method = value if top == "method" else method
+    if any(top == "recipes" for top, _, _ in parsed):
+        return  # a recipe may switch the method: leave its keys to the full composition
+    schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig, method=METHODS[method].config)
+    for top, rest, _ in parsed:
+        node: Any = schemas.get(top)
+        parts = rest.split(".")[1:]
+        for depth, part in enumerate(parts):
+            if node is None or not is_dataclass(node):
+                break  # a free-form dict (model.from_config) takes any key
+            by_name = {f.name: f for f in fields(node)}
+            if part not in by_name:
+                dotted = ".".join([top, *parts[: depth + 1]])
+                raise UserError(f"Unknown config key '{dotted}'.{did_you_mean(part, by_name)}")
+            f = by_name[part]
+            node = f.default_factory() if callable(f.default_factory) else None
+
+
 def check_overrides(overrides: list[str]) -> None:
     """Catch unknown groups, options and keys before Hydra does, to suggest the closest names."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -116,3 +116,37 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             flat.update(flatten(v, f"{prefix}{k}."))
         return flat
     return {prefix[:-1]: tree}
+
+
+def train_defaults() -> tuple[dict[str, str], dict[str, Any]]:
+    """What ``lrft train`` with no overrides runs with, read from the YAML files without Hydra:
+    (group -> default option, dotted key -> value set by those files over the schemas' defaults).
+
+    The default options' ``@package _global_`` files (the quickstart dataset sets its own trainer
+    values) and their own group keys are applied in the defaults-list order, as Hydra composes them;
+    tests/test_cli_ux.py checks the result against the real composition.
+    """
+    import yaml
+
+    from lrft.config import GROUPS, config_dir
+
+    root = config_dir()
+    train = yaml.safe_load((root / "train.yaml").read_text()) or {}
+    choices: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for entry in train.get("defaults", []):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            continue
+        ((group, option),) = entry.items()
+        if group not in GROUPS or option is None:
+            continue
+        choices[group] = str(option)
+        text = (root / group / f"{option}.yaml").read_text()
+        data = yaml.safe_load(text) or {}
+        data.pop("defaults", None)
+        if "@package _global_" in text.split("\n", 3)[0]:
+            values.update(flatten(data))
+        else:
+            values.update(flatten(data, f"{group}."))
+    values.update(flatten({k: v for k, v in train.items() if k not in ("defaults", "hydra")}))
+    return choices, values
