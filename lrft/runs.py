@@ -209,7 +209,9 @@ def resume_overrides(run_dir: Path, given: list[str], say: Any = print) -> list[
     if (run_dir / "config.yaml").is_file():
         before = _flat(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False))
         now = _flat(OmegaConf.to_container(cfg, resolve=True))
-        changed = {k: (before.get(k), now.get(k)) for k in before.keys() | now.keys()}
+        # keys added to the schemas since the run started (absent from its config.yaml) are new
+        # options at their defaults, not changes
+        changed = {k: (before[k], now[k]) for k in before.keys() & now.keys()}
         changed = {k: v for k, v in changed.items() if v[0] != v[1] and k not in NOT_COMPARED}
         math = sorted(k for k in changed if not _harmless(k))
         if math:

@@ -191,6 +191,15 @@ def test_config_files_edited_since_the_run_started_are_caught(tmp_path):
         prepare([f"output_dir={run}", "trainer.resume=auto"], say=lambda _: None)
 
 
+def test_a_run_from_before_a_new_config_key_still_resumes(tmp_path):
+    run = fake_run(tmp_path, ["trainer.max_steps=4"], step=2)
+    cfg = OmegaConf.load(run / "config.yaml")
+    del cfg.trainer["overwrite"]  # written by an lrft that did not have this key yet
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    got = prepare([f"output_dir={run}", "trainer.resume=auto"], say=lambda _: None)
+    assert compose(got).trainer.max_steps == 4
+
+
 def test_resume_command_is_absolute_and_quoted(tmp_path):
     run = tmp_path / "my runs" / "a"
     cmd = resume_command(run)
