@@ -141,6 +141,8 @@ def prepare(overrides: list[str], say: Any = print) -> list[str] | None:
         return overrides
     if state == "finished":
         if resuming:
+            # overrides that change the math are refused even here: they ask for another run
+            resume_overrides(run_dir, overrides, say=lambda _: None, finished=True)
             say(f"{run_dir} is a finished run: nothing left to do (its summary: {run_dir / 'summary.json'}).")
             return None
         raise UserError(
@@ -189,13 +191,19 @@ def _key(text: str) -> str:
     return text.partition("=")[0].lstrip("+~")
 
 
-def resume_overrides(run_dir: Path, given: list[str], say: Any = print) -> list[str]:
-    """The run's saved overrides with ``given`` on top, checked to leave the math unchanged."""
+def resume_overrides(run_dir: Path, given: list[str], say: Any = print, finished: bool = False) -> list[str]:
+    """The run's saved overrides with ``given`` on top, checked to leave the math unchanged.
+
+    ``finished``: the run has nothing left to do; only overrides given now are checked (a run
+    started through the Python API records no overrides, so its re-composition may differ).
+    """
     from omegaconf import OmegaConf
 
     from lrft.config import compose
 
     saved = saved_overrides(run_dir)
+    if saved is None and finished:
+        saved = []
     if saved is None:
         raise UserError(
             f"{run_dir} does not record the overrides it was launched with (no run_info.json or "
@@ -214,8 +222,10 @@ def resume_overrides(run_dir: Path, given: list[str], say: Any = print) -> list[
         changed = {k: (before[k], now[k]) for k in before.keys() & now.keys()}
         changed = {k: v for k, v in changed.items() if v[0] != v[1] and k not in NOT_COMPARED}
         math = sorted(k for k in changed if not _harmless(k))
+        asked = {_key(o) for o in extra}
+        if finished:  # only what was asked now
+            math = [k for k in math if k in asked or k.split(".")[0] in asked]
         if math:
-            asked = {_key(o) for o in extra}
             lines = [f"{k}: run {changed[k][0]!r} -> now {changed[k][1]!r}" for k in math]
             why = (
                 "these overrides change what the run computes"
@@ -226,7 +236,8 @@ def resume_overrides(run_dir: Path, given: list[str], say: Any = print) -> list[
                 f"Cannot resume {run_dir}: {why}.\n  " + "\n  ".join(lines) + "\nResume with "
                 f"`{resume_command(run_dir)}` (plus only logging/eval/save keys), or start a new run."
             )
-        _check_schedule(run_dir, cfg)
+        if not finished:
+            _check_schedule(run_dir, cfg)
     listed = " ".join(base) or "(the defaults)"
     say(f"resuming {run_dir} with its original overrides: {listed}")
     if extra:
