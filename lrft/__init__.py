@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # importing lrft (and its CLI) must not import torch
+    from torch import nn
 
 __version__ = "0.1.0"
 

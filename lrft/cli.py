@@ -6,10 +6,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, fields
 from itertools import islice, product
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lrft.errors import EXIT_USAGE, Interrupted, UserError, did_you_mean
@@ -53,35 +53,54 @@ def print_overview() -> None:
 
 
 def print_train_help() -> None:
+    """Config groups and every trainer key with its EFFECTIVE default: the one ``lrft train``
+    runs with (the default dataset config sets its own trainer values)."""
     from lrft.config import GROUPS, TrainerConfig, group_options
+    from lrft.help import schema_table, train_defaults
 
-    out.print("[bold]lrft train[/] [group=option ...] [group.key=value ...] [-m] [--cfg job]\n")
+    choices, values = train_defaults()
+    out.print("[bold]lrft train[/] " + escape("[group=option ...] [group.key=value ...] [-m] [--cfg job]\n"))
     table = Table(title="config groups (defaults in bold)", show_lines=False)
     table.add_column("group")
     table.add_column("options")
-    defaults = {
-        "model": "tiny_llama",
-        "method": "lora_fa",
-        "quantization": "none",
-        "optimizer": "adamw",
-        "dataset": "quickstart",
-    }
     for group in GROUPS:
-        opts = [f"[bold]{o}[/]" if o == defaults[group] else o for o in group_options(group)]
+        opts = [f"[bold]{o}[/]" if o == choices.get(group) else o for o in group_options(group)]
         table.add_row(group, ", ".join(opts))
     out.print(table)
-    keys = Table(title="trainer.* keys", show_header=True)
-    keys.add_column("key")
-    keys.add_column("default")
-    for f in fields(TrainerConfig):
-        keys.add_row(f"trainer.{f.name}", repr(f.default) if f.default is not MISSING else "")
-    out.print(keys)
+    dataset = choices.get("dataset", "?")
+    title = f"trainer.* keys (defaults as `lrft train` runs them, with dataset={dataset})"
+    out.print(schema_table(title, TrainerConfig, "trainer.", values))
+    also = [
+        f"{k}={v}"
+        for k, v in values.items()
+        if k in ("optimizer.lr", "dataset.max_length", "dataset.prompt_template")
+    ]
     out.print(
-        "Each group's keys: `lrft train --cfg job` prints them all, e.g. method.r, method.alpha,\n"
+        (f"Also set by dataset={dataset}: {', '.join(also)}.\n" if also else "")
+        + "Each group's keys: `lrft train --cfg job` prints them all, e.g. method.r, method.alpha,\n"
         "method.dropout, method.target_modules, optimizer.lr, dataset.data_files.train, model.name_or_path.\n"
-        "Hydra's own flags: --cfg job|hydra|all, -m/--multirun, --info, --hydra-help.\n\nexamples:"
+        "Resume a stopped run with `lrft train output_dir=RUN trainer.resume=auto` (its own config).\n"
+        "Global flags: -v/--verbose (or verbose=true) shows third-party progress bars and warnings.\n"
+        "Hydra's own flags: --cfg job|hydra|all, -m/--multirun, --info, --hydra-help.\n\nexamples:",
+        highlight=False,
+        markup=False,
     )
     out.print(EXAMPLES, markup=False, highlight=False)
+
+
+def print_versions() -> None:
+    """lrft's version and its key dependencies', read from the installed metadata (no imports)."""
+    from importlib import metadata
+
+    from lrft import __version__
+
+    out.print(f"lrft {__version__}", highlight=False)
+    for pkg in ("torch", "transformers", "accelerate", "peft", "datasets", "hydra-core", "bitsandbytes"):
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        out.print(f"  {pkg} {version}", highlight=False)
 
 
 def expand_sweeps(overrides: list[str], limit: int = 64) -> list[list[str]]:
@@ -100,6 +119,16 @@ def expand_sweeps(overrides: list[str], limit: int = 64) -> list[list[str]]:
 
 
 def train_cmd(argv: list[str]) -> int:
+    if "--version" in argv:  # Hydra's own flag would print Hydra's version
+        print_versions()
+        return 0
+    if argv and argv[0] in ("-h", "--help"):  # Hydra's parser would cost its import
+        print_train_help()
+        return 0
+    if not any(a.startswith("-") for a in argv):
+        from lrft.config import quick_check
+
+        quick_check(argv)  # the common typos answer before Hydra is even imported
     from hydra._internal.utils import get_args_parser
 
     from lrft.config import compose
@@ -112,12 +141,33 @@ def train_cmd(argv: list[str]) -> int:
         combos = expand_sweeps(args.overrides) if args.multirun else [args.overrides]
     except Exception as err:  # the override grammar's own errors
         raise UserError(f"Cannot parse the overrides {args.overrides}: {err}") from None
-    for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
-        compose(combo)
     flags = list(argv)
     for override in args.overrides:
         flags.remove(override)
-    return _run_hydra(flags, args.overrides)
+    overrides = list(args.overrides)
+    inspecting = args.cfg or args.info or args.shell_completion
+    if not args.multirun and not inspecting:  # sweeps write fresh multirun/ folders
+        from lrft.runs import prepare
+
+        prepared = prepare(
+            overrides, say=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True)
+        )
+        if prepared is None:
+            return 0  # a finished run resumed: nothing left to do
+        overrides = prepared
+        combos = [overrides]
+    for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
+        compose(combo)
+    return _run_hydra(_info_flag(flags), overrides)
+
+
+def _say(text: str) -> None:
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _info_flag(flags: list[str]) -> list[str]:
+    """A bare ``--info`` would take the next argument as its choice: make it ``--info=all``."""
+    return ["--info=all" if f in ("--info", "-i") else f for f in flags]
 
 
 def _run_hydra(flags: list[str], overrides: list[str]) -> int:
@@ -125,7 +175,14 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, open_dict
 
-    from lrft.config import config_dir, normalize_overrides, register_schemas, searchpath_override, validate
+    from lrft.config import (
+        absolute_paths,
+        config_dir,
+        normalize_overrides,
+        register_schemas,
+        searchpath_override,
+        validate,
+    )
 
     register_schemas()
 
@@ -134,17 +191,25 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
         from lrft.train import train
 
         hc = HydraConfig.get()
+        run_dir = hc.runtime.output_dir
         try:
             validate(cfg)
             with open_dict(cfg):
-                cfg.output_dir = hc.runtime.output_dir
-            train(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+                cfg.output_dir = run_dir
+            absolute_paths(cfg)
+            train(cfg, run_dir, list(hc.overrides.task))
         except UserError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            _after_failure(run_dir, str(err))
             sys.exit(EXIT_USAGE)
         except Interrupted as stop:
-            console.print(f"[bold yellow]{stop}[/]", highlight=False)
+            console.print(f"[bold yellow]{escape(str(stop))}[/]", highlight=False, soft_wrap=True)
             sys.exit(stop.code)
+        except Exception:
+            import traceback
+
+            _after_failure(run_dir, traceback.format_exc())
+            raise
 
     saved = sys.argv
     # flags first: Hydra's parser wants the overrides in one contiguous run
@@ -157,6 +222,19 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def _after_failure(run_dir: str, message: str) -> None:
+    """A run that failed: remove its folder if training never started, else leave error.txt."""
+    from pathlib import Path
+
+    from lrft.runs import failed_before_training
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    done = failed_before_training(Path(run_dir), message)
+    if done:
+        console.print(f"[dim]{escape(done)}[/]", highlight=False, soft_wrap=True)
 
 
 def _distributed_overrides(overrides: list[str]) -> list[str]:
@@ -207,6 +285,8 @@ def plot_cmd(argv: list[str]) -> int:
     from lrft.plots import plot_main
 
     return plot_main(argv)
+
+
 def generate_cmd(argv: list[str]) -> int:
     from lrft.generate_cli import generate_main
 
@@ -232,14 +312,15 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from lrft.quiet import setup, split_verbose
+
+    argv, verbose = split_verbose(sys.argv[1:] if argv is None else argv)
+    setup(verbose)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_overview()
         return 0
-    if argv[0] == "--version":
-        from lrft import __version__
-
-        out.print(__version__)
+    if argv[0] in ("--version", "-V"):
+        print_versions()
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
@@ -248,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[cmd](rest)
     except UserError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
 
 

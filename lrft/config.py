@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from lrft.errors import UserError, closest, did_you_mean
 
 TASKS = ("causal", "classification", "seq2seq")
+OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "galore_adamw", "galore_adamw8bit")
 DATASET_KINDS = ("glue", "instruction", "chat", "mmlu")  # mmlu: evaluation only (not in COMPATIBLE)
 # which (model task, dataset kind) pairs make sense, and how
 COMPATIBLE = {
@@ -120,30 +121,32 @@ class DatasetConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = -1  # > 0 wins over epochs
-    epochs: float = 1.0
-    batch_size: int = 8
-    eval_batch_size: int | None = None
-    grad_accum: int = 1
-    log_every: int = 10
+    max_steps: int = -1  # > 0: train this many optimizer steps (wins over epochs); -1: use epochs
+    epochs: float = 1.0  # passes over the training set (fractions allowed)
+    batch_size: int = 8  # examples per micro-batch, per process
+    eval_batch_size: int | None = None  # null: batch_size
+    grad_accum: int = 1  # micro-batches per optimizer step
+    log_every: int = 10  # steps between loss records in metrics.jsonl
     eval_every: int = 0  # 0: evaluate once at the end
     save_every: int = 0  # 0: only the final state
-    seed: int = 42
+    seed: int = 42  # data order, dropout and adapter init
     # null: what the launcher set (accelerate launch --mixed_precision / its config file), else no
     mixed_precision: str | None = None  # null | no | fp16 | bf16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     max_grad_norm: float = 1.0  # 0 disables clipping
     lr_scheduler: str = "linear"  # linear | cosine | constant
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # linear warmup steps (wins over warmup_ratio)
+    warmup_ratio: float = 0.0  # warmup as a share of the total steps
     cpu: bool = False  # force CPU even when a GPU is there
     report_to: str | None = None  # tensorboard | wandb | mlflow (accelerate's trackers); null: none
-    keep_checkpoints: int = 2
-    progress: bool = True
-    resume: str | None = None  # auto: newest intact checkpoint in output_dir; or a checkpoint path
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints
+    progress: bool = True  # the progress bar and the summary table
+    # auto: continue the run at output_dir from its newest intact checkpoint, with its own config
+    resume: str | None = None
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     save_on_interrupt: bool = True  # Ctrl-C / SIGTERM save a checkpoint before exiting
     untrained_warn_steps: int = 20  # warn if zero-initialised adapters (B) are still zero by then
+    overwrite: bool = False  # replace a finished run at output_dir (only the files lrft wrote)
     # several nodes: is output_dir one folder for all (true), each node's own disk (false), or
     # null: detected at start (see lrft.topology)
     shared_fs: bool | None = None
@@ -264,7 +267,66 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
         from lrft.models import resolve_model_config
 
         resolve_model_config(cfg)
+    absolute_paths(cfg)
     return cfg
+
+
+PATH_KEYS = (
+    "dataset.data_files.train",
+    "dataset.data_files.validation",
+    "dataset.data_files.validation_mismatched",
+    "dataset.data_dir",
+)
+
+
+def absolute_paths(cfg: DictConfig, base: Path | None = None) -> None:
+    """Store local data paths absolute, so the saved config works from any folder (``lrft eval
+    checkpoint=RUN`` run elsewhere); hub ids and URLs are left as they are."""
+    base = base or Path.cwd()
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+            continue
+        OmegaConf.update(cfg, key, str((base / Path(value).expanduser()).resolve()), merge=False)
+
+
+_SIMPLE = re.compile(r"^([A-Za-z_]\w*)((?:\.\w+)*)=([\w./-]*)$")
+TOP_KEYS = (*GROUPS, "trainer", "output_dir", "recipes")
+
+
+def quick_check(overrides: list[str]) -> None:
+    """Plain ``group=option`` and ``group.key=value`` overrides checked against the option files and
+    the schemas, without Hydra: the common typos get their did-you-mean at once. Anything else
+    (sweeps, ``+``/``~``, interpolations) is left to :func:`compose`, which checks everything."""
+    from dataclasses import fields, is_dataclass
+
+    from lrft.methods.registry import METHODS
+
+    parsed = [m.groups() for m in map(_SIMPLE.match, overrides) if m]
+    method = "lora_fa"
+    for top, rest, value in parsed:
+        if top not in TOP_KEYS:
+            raise UserError(f"Unknown config key '{top}{rest}'.{did_you_mean(top, TOP_KEYS)}")
+        if top in (*GROUPS, "recipes") and not rest and value:
+            options = group_options(top)
+            if value not in options:
+                raise UserError(f"Unknown option '{value}' for {top}.{did_you_mean(value, options)}")
+            method = value if top == "method" else method
+    if any(top == "recipes" for top, _, _ in parsed):
+        return  # a recipe may switch the method: leave its keys to the full composition
+    schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig, method=METHODS[method].config)
+    for top, rest, _ in parsed:
+        node: Any = schemas.get(top)
+        parts = rest.split(".")[1:]
+        for depth, part in enumerate(parts):
+            if node is None or not is_dataclass(node):
+                break  # a free-form dict (model.from_config) takes any key
+            by_name = {f.name: f for f in fields(node)}
+            if part not in by_name:
+                dotted = ".".join([top, *parts[: depth + 1]])
+                raise UserError(f"Unknown config key '{dotted}'.{did_you_mean(part, by_name)}")
+            f = by_name[part]
+            node = f.default_factory() if callable(f.default_factory) else None
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -349,8 +411,6 @@ def validate(cfg: DictConfig) -> None:
     resolve_model_config(cfg)  # model=hf: task, targets from the checkpoint (before any data encoding)
     one_of("model.task", m.task, TASKS)
     one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
-    from lrft.optim import OPTIMIZERS
-
     one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     if t.mixed_precision is not None:
         one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
@@ -375,6 +435,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "grad_accum"):
         if t[key] < 1:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise UserError(
+            f"trainer.max_steps={t.max_steps} would train nothing: set trainer.max_steps > 0, or -1 to "
+            "train for trainer.epochs epochs."
+        )
     if t.max_steps <= 0 and t.epochs <= 0:
         raise UserError("Set trainer.max_steps > 0 or trainer.epochs > 0.")
     check_report_to(t.report_to)
@@ -387,9 +452,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"dataset.num_proc must be >= 1, got {d.num_proc}.")
     if cfg.optimizer.lr <= 0:
         raise UserError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}.")
-    from lrft.methods.registry import get_method
+    from lrft.methods.registry import validate_method
 
-    get_method(cfg.method.name).validate(cfg)
+    validate_method(cfg)
 
 
 # trainer.report_to: accelerate's tracker name -> (package to install, accelerate's availability check)
@@ -420,10 +485,11 @@ def _check_keys(cfg: DictConfig) -> None:
     """Keys added with ``+group.key=...`` bypass Hydra's struct check: hold them to the schema too."""
     from dataclasses import fields
 
-    from lrft.methods.registry import METHODS, get_method
+    from lrft.methods.registry import METHODS
 
     schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig)
-    get_method(cfg.method.name)
+    if cfg.method.name not in METHODS:
+        raise UserError(f"Unknown method '{cfg.method.name}'.{did_you_mean(cfg.method.name, METHODS)}")
     schemas["method"] = METHODS[cfg.method.name].config
     for group, schema in schemas.items():
         valid = [f.name for f in fields(schema)]

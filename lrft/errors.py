@@ -13,9 +13,13 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Training stopped by Ctrl-C (exit code 130) or SIGTERM (143) after saving what it could."""
+    """Training stopped by Ctrl-C or SIGTERM after saving what it could.
 
-    def __init__(self, message: str, code: int = 130) -> None:
+    ``code`` is the process exit status the CLI returns: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
+    (128 + the signal number, what shells and schedulers expect).
+    """
+
+    def __init__(self, message: str = "", code: int = 130) -> None:
         super().__init__(message)
         self.code = code
 

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from lrft.errors import EXIT_USAGE, UserError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+MARKER = ".lrft-output"  # in every folder lrft merge / export writes: what an overwrite may replace
 SHARD_DELAY_ENV = "LRFT_MERGE_SHARD_DELAY"  # test hook: seconds to sleep after each shard is written
 TASK_TYPES = {"causal": "CAUSAL_LM", "classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 
@@ -241,11 +242,54 @@ def refuse_overlap(output: Path, *protected: str | Path | None) -> None:
                 raise UserError(f"output {output} would replace {path}, which this command reads.")
 
 
-def check_output(output: Path, overwrite: bool) -> None:
+def check_output(output: Path, overwrite: bool, flag: str = "export.overwrite") -> None:
+    """Refuse a non-empty ``output`` unless ``overwrite`` and lrft wrote everything in it.
+
+    lrft marks each folder it writes with :data:`MARKER`, listing its entries: only such a folder,
+    with nothing added since, may be replaced. Nothing lrft did not write is ever deleted.
+    """
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} exists and is not a folder.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output {output} is not empty: choose another folder or set overwrite=true.")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(
+            f"output {output} is not empty ({_entries(output)}): choose another folder, or set "
+            f"{flag}=true to replace a folder lrft wrote."
+        )
+    foreign = foreign_entries(output)
+    if foreign:
+        marked = (output / MARKER).is_file()
+        what = "holds files lrft did not write" if marked else "was not written by lrft"
+        raise UserError(
+            f"output {output} {what}: {', '.join(foreign)}. {flag}=true replaces only a folder lrft "
+            "wrote, so nothing was removed: move those files away or choose another folder."
+        )
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` that lrft's :data:`MARKER` does not list (all of them without one)."""
+    names = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+    try:
+        written = set(json.loads((folder / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return names
+    return [n for n in names if n not in written]
+
+
+def _entries(folder: Path, limit: int = 8) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f", ... {len(names) - limit} more" if len(names) > limit else "")
+
+
+def mark_output(folder: Path, command: str) -> None:
+    """Record that lrft wrote ``folder`` and what is in it: what a later overwrite may remove."""
+    record = {
+        "written_by": f"lrft {command}",
+        "files": sorted(p.name for p in folder.iterdir() if p.name != MARKER),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (folder / MARKER).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def check_free_space(output: Path, need: int) -> None:
@@ -261,14 +305,17 @@ def check_free_space(output: Path, need: int) -> None:
 
 
 @contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+def staged_output(output: Path, overwrite: bool, flag: str = "export.overwrite") -> Iterator[Path]:
     """Yield a hidden sibling folder to write into; on success it replaces ``output`` in one rename.
+
+    ``output`` may be replaced only if lrft wrote it (see :func:`check_output`; ``flag`` is the
+    key the message names); the new folder gets lrft's :data:`MARKER`.
 
     On an exception it is removed; if the process is killed it stays hidden (and the next run
     removes it), so ``output`` is never a half-written folder.
     """
     output = output.resolve()
-    check_output(output, overwrite)
+    check_output(output, overwrite, flag)
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(output)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -276,6 +323,7 @@ def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        mark_output(tmp, flag.partition(".")[0])
         for f in tmp.rglob("*"):  # contents on disk before the rename makes them visible
             if f.is_file():
                 with f.open("rb") as fh:
@@ -312,10 +360,17 @@ def _alive(pid: int) -> bool:
 
 
 @dataclass
+class ExportOptions:
+    overwrite: bool = False  # replace an output folder an earlier lrft export wrote (nothing else)
+
+
+@dataclass
 class ExportJob:
+    """Write a run's adapter in PEFT's format: peft.PeftModel.from_pretrained(base, OUT) loads it."""
+
     checkpoint: str = MISSING  # the run folder (RUN_DIR, or RUN_DIR/final)
     output: str = MISSING  # the folder to write the PEFT adapter into
-    overwrite: bool = False  # replace a non-empty output folder
+    export: ExportOptions = field(default_factory=ExportOptions)
 
 
 def compose_job(argv: list[str], name: str, schema: type) -> Any:
@@ -340,13 +395,13 @@ def compose_job(argv: list[str], name: str, schema: type) -> Any:
     return OmegaConf.to_object(typed)
 
 
-def print_help(name: str) -> None:
-    """The command's config file is its reference: every key, its default and what it does."""
-    from lrft.config import config_dir
+def print_help(name: str, schema: type | None = None) -> None:
+    """``lrft merge|export --help``: every key of the command's schema, its default and meaning."""
+    from lrft.help import print_command_help
 
-    print(f"usage: lrft {name} checkpoint=RUN_DIR output=DIR [key=value ...]\n")
-    lines = (config_dir() / f"{name}.yaml").read_text().splitlines()
-    print("\n".join(x for x in lines if not x.startswith(("defaults:", "  - "))))
+    schema = schema or ExportJob
+    usage = f"lrft {name} checkpoint=RUN_DIR output=DIR [key=value ...]"
+    print_command_help(name, schema, usage)
 
 
 def export_main(argv: list[str]) -> int:
@@ -361,7 +416,7 @@ def export_main(argv: list[str]) -> int:
         run_dir = resolve_run(job.checkpoint)
         output = Path(job.output).resolve()
         refuse_overlap(output, run_dir)
-        check_output(output, job.overwrite)
+        check_output(output, job.export.overwrite)
         run = load_run(run_dir)
         base = run.cfg.model.name_or_path or str(run_dir / "base")
         if write_peft_adapter(run.model, run.method, run.cfg, output, base_path=base) is None:

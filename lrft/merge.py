@@ -56,11 +56,13 @@ class MergeOptions:
     max_shard_size: str = "2GB"  # safetensors shards past this size
     verify: bool = True  # reload the output and compare logits with the adapter model
     tolerance: float | None = None  # null: by dtype, relative to max(1, max |logit|)
-    overwrite: bool = False  # replace a non-empty output folder
+    overwrite: bool = False  # replace an output folder an earlier lrft merge wrote (nothing else)
 
 
 @dataclass
 class MergeJob:
+    """Fold a finished run into its original base weights: a plain transformers folder."""
+
     checkpoint: str = MISSING  # the run folder (RUN_DIR, or RUN_DIR/final)
     output: str = MISSING  # the folder to write
     merge: MergeOptions = field(default_factory=MergeOptions)
@@ -86,7 +88,8 @@ def merge_run(checkpoint: str | Path, output: str | Path, opts: MergeOptions | N
     run_dir, output = resolve_run(checkpoint), Path(output).resolve()
     cfg = OmegaConf.load(run_dir / "config.yaml")
     refuse_overlap(output, run_dir, cfg.model.name_or_path)
-    with staged_output(output, opts.overwrite) as tmp:  # refuses a non-empty output before any loading
+    # refuses a non-empty output (unless lrft wrote it and overwrite is on) before any loading
+    with staged_output(output, opts.overwrite, "merge.overwrite") as tmp:
         start = time.perf_counter()
         src = load_source(run_dir, cfg, opts.base)
         model, task = src.model, cfg.model.task
@@ -361,7 +364,7 @@ def _name(dtype: torch.dtype) -> str:
 def merge_main(argv: list[str]) -> int:
     """``lrft merge``: Hydra-style ``key=value`` arguments; prints errors and returns 2 on bad input."""
     if any(a in ("-h", "--help") for a in argv):
-        print_help("merge")
+        print_help("merge", MergeJob)
         return 0
     try:
         job = compose_job(argv, "merge", MergeJob)

@@ -97,6 +97,11 @@ def load_tokenizer(mcfg: Any) -> Any:
     if source is None or source == "byte":
         tok = byte_tokenizer(mcfg.arch or "llama")
     else:
+        from lrft.hub import require_hub  # offline: one message now, not a minute of retries
+
+        require_hub(
+            source, "model.tokenizer" if mcfg.tokenizer else "model.name_or_path", revision=mcfg.revision
+        )
         try:
             tok = AutoTokenizer.from_pretrained(
                 source, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code
@@ -170,6 +175,9 @@ def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn
         where = str(mcfg.name_or_path)
         if looks_like_path(where) and not Path(where).expanduser().exists():
             raise UserError(f"model.name_or_path={where}: folder not found.")
+        from lrft.hub import require_hub  # offline: one message now, not a minute of retries
+
+        require_hub(mcfg.name_or_path, "model.name_or_path", revision=mcfg.revision)
         try:
             model = auto.from_pretrained(mcfg.name_or_path, **load_kw)
         except OSError as err:

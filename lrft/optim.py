@@ -14,10 +14,8 @@ from typing import Any
 
 import torch
 
+from lrft.config import OPTIMIZERS  # the names live with the torch-free schemas
 from lrft.errors import UserError, did_you_mean
-
-OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "galore_adamw", "galore_adamw8bit")
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 
 def build_optimizer(

@@ -56,12 +56,20 @@ class TrainProgress:
     def summary(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        table = Table(title="run summary", show_header=False)
-        table.add_row("steps", str(summary["steps"]))
-        table.add_row("final train loss", f"{summary['train_loss']:.4f}")
-        for key, value in summary["eval"].items():
-            table.add_row(f"eval {key}", f"{value:.4f}" if isinstance(value, float) else str(value))
-        share = summary["trainable_params"] / max(1, summary["total_params"])
-        table.add_row("trainable parameters", f"{summary['trainable_params']:,} ({share:.2%})")
-        table.add_row("run folder", summary["run_dir"])
-        console.print(table)
+        console.print(summary_table(summary))
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The end-of-run table. The run folder is what eval, merge and export need: at any terminal
+    width it is folded onto more lines, never cut with an ellipsis."""
+    table = Table(title="run summary", show_header=False)
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("final train loss", f"{summary['train_loss']:.4f}")
+    for key, value in summary["eval"].items():
+        table.add_row(f"eval {key}", f"{value:.4f}" if isinstance(value, float) else str(value))
+    share = summary["trainable_params"] / max(1, summary["total_params"])
+    table.add_row("trainable parameters", f"{summary['trainable_params']:,} ({share:.2%})")
+    table.add_row("run folder", summary["run_dir"])
+    return table

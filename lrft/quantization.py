@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrft.errors import UserError, did_you_mean
+from lrft.errors import UserError
 
 QUANT_TYPES = ("none", "nf4", "fp4", "int8")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,15 +40,10 @@ SOURCE_ATTR = "lrft_source"  # callable -> the layer's full-precision weight, se
 
 
 def check(root_cfg: Any) -> None:
-    """Values a schema cannot check: the quantization type and dtype names."""
-    q = root_cfg.quantization
-    for key, value, valid in (
-        ("name", q.name, QUANT_TYPES),
-        ("compute_dtype", q.compute_dtype, tuple(_DTYPES)),
-        ("quant_storage", q.quant_storage, tuple(_STORAGE)),
-    ):
-        if value not in valid:
-            raise UserError(f"quantization.{key}={value!r} is not valid.{did_you_mean(str(value), valid)}")
+    """Values a schema cannot check: the quantization type and dtype names (torch-free twin)."""
+    from lrft.methods.schemas import check_quantization
+
+    check_quantization(root_cfg)
 
 
 def skip_modules(mcfg: Any) -> list[str]:

@@ -377,6 +377,7 @@ def test_hub_loading_path_without_network(monkeypatch):
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr("lrft.hub.require_hub", lambda *a, **k: None)  # as if the hub were reachable
     cfg = DatasetConfig(name="glue_mnli", kind="glue", path="nyu-mll/glue", subset="mnli", max_eval_samples=2)
     got = load_rows(cfg, "eval")
     assert calls == [("nyu-mll/glue", "mnli", "validation_matched")]

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from test_merge import one_thread, train_run  # noqa: F401  (one_thread: autouse fixture)
 
 from lrft.errors import UserError
-from lrft.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_main, write_peft_adapter
+from lrft.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MARKER, export_main, write_peft_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -78,15 +78,26 @@ def test_files_are_what_peft_itself_writes(runs, tmp_path, run, auto):
 def test_export_refuses_a_non_empty_folder_and_full_weights(runs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "x").write_text("keep")
-    assert export_main([f"checkpoint={runs['roberta-lora']}", f"output={out}"]) == 2
+    (out / "notes.txt").write_text("keep")
+    run = runs["roberta-lora"]
+    assert export_main([f"checkpoint={run}", f"output={out}"]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert export_main([f"checkpoint={runs['roberta-lora']}/final", f"output={out}", "overwrite=true"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    # export.overwrite=true replaces only what lrft wrote: a foreign file is never deleted
+    assert export_main([f"checkpoint={run}/final", f"output={out}", "export.overwrite=true"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "nothing was removed" in err and (out / "notes.txt").read_text() == "keep"
+    (out / "notes.txt").unlink()
+    assert export_main([f"checkpoint={run}/final", f"output={out}"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    assert export_main([f"checkpoint={run}", f"output={out}"]) == 2  # no silent replace
+    assert "export.overwrite=true" in capsys.readouterr().err
+    assert export_main([f"checkpoint={run}", f"output={out}", "export.overwrite=true"]) == 0
+    assert export_main([f"checkpoint={run}", f"output={out}", "overwrite=true"]) == 2  # one spelling
+    assert "Unknown config key 'overwrite'" in capsys.readouterr().err
     full = train_run(tmp_path, "tiny_roberta", "full")
     assert export_main([f"checkpoint={full}", f"output={tmp_path / 'f'}"]) == 2
     assert "no adapter" in capsys.readouterr().err and not (tmp_path / "f").exists()
-    assert export_main(["--help"]) == 0 and "overwrite" in capsys.readouterr().out
+    assert export_main(["--help"]) == 0 and "export.overwrite" in capsys.readouterr().out
 
 
 def test_a_layer_whose_factors_do_not_reproduce_its_update_is_refused(runs, tmp_path, monkeypatch):

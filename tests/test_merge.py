@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from lrft.checkpoint import load_run
 from lrft.config import compose, group_options
 from lrft.errors import UserError
-from lrft.export import SHARD_DELAY_ENV, write_peft_adapter
+from lrft.export import MARKER, SHARD_DELAY_ENV, write_peft_adapter
 from lrft.merge import MergeOptions, dequantize_rest, logits, merge_main, merge_run
 from lrft.methods import METHODS
 from lrft.models import byte_tokenizer, load_model
@@ -263,13 +263,24 @@ def test_refuses_a_non_empty_output_unless_overwrite(lora_run, tmp_path, capsys)
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert merge_main([f"checkpoint={lora_run}", f"output={out}"]) == 2
-    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    err = capsys.readouterr().err
+    assert "not empty" in err and "merge.overwrite=true" in err and (out / "keep.txt").read_text() == "mine"
+    # a folder lrft did not write is never replaced, even when asked
     args = [f"checkpoint={lora_run}/final", f"output={out}", "merge.overwrite=true", "merge.dtype=bfloat16"]
-    assert merge_main(args) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert merge_main(args) == 2
+    err = capsys.readouterr().err
+    assert "keep.txt" in err and "nothing was removed" in err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert merge_main(args) == 0  # empty now
+    assert (out / "config.json").exists() and (out / MARKER).exists()
     record = json.loads((out / "lrft_merge.json").read_text())
     assert record["dtype"] == "bfloat16" and record["verified"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert merge_main(args) == 0  # lrft's own output: replaced
+    (out / "notes.txt").write_text("added by hand")
+    assert merge_main(args) == 2  # ... but not once something else was added
+    assert "notes.txt" in capsys.readouterr().err and (out / "notes.txt").read_text() == "added by hand"
+    assert (out / "config.json").exists()
 
 
 def test_a_broken_merge_fails_verification_and_writes_nothing(lora_run, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ Ctrl-C, a corrupted checkpoint file, a full disk, a NaN loss (stop and skip).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,8 @@ def test_corrupt_checkpoint_falls_back_or_fails_clearly(tmp_path, capsys):
     blob = bytearray((newest / "trainable.safetensors").read_bytes())
     blob[-8:] = b"\x00" * 8
     (newest / "trainable.safetensors").write_bytes(bytes(blob))
+    (out / "summary.json").unlink()  # as if it had stopped after its last checkpoint
+    shutil.rmtree(out / "final")
     code = main(["train", *overrides(tmp_path, "lora_fa", out, f"trainer.resume={newest}")])
     assert code == 2 and "corrupt" in capsys.readouterr().err
     (out / "metrics.jsonl").write_text("")  # the fallback replays steps 7..12 from step 6

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
+from lrft.methods.schemas import MethodConfig
 
 # Layers adapted by "all-linear": every nn.Linear except the output heads, as PEFT does.
 OUTPUT_HEADS = ("lm_head", "classifier", "score", "out_proj", "qa_outputs")
@@ -33,14 +34,6 @@ class ApplyContext:
     accelerator: Any = None
 
 
-@dataclass
-class MethodConfig:
-    name: str = "?"
-    # modules trained in full besides the method's own parameters (a task head);
-    # null: the model config's default (e.g. RoBERTa's classifier)
-    modules_to_save: list[str] | None = None
-
-
 class Method(abc.ABC):
     """A fine-tuning strategy. The trainer calls nothing but these methods.
 
@@ -56,9 +49,18 @@ class Method(abc.ABC):
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
 
-    @classmethod  # noqa: B027 - an optional hook, empty by default
+    @classmethod
     def validate(cls, root_cfg: Any) -> None:
-        """Refuse impossible combinations with other config groups (before any work)."""
+        """Refuse impossible combinations with other config groups (before any work).
+
+        Built-in methods keep their checks torch-free in :mod:`lrft.methods.schemas`; a method
+        registered from outside may override this.
+        """
+        from lrft.methods.registry import METHODS
+
+        spec = METHODS.get(cls.name)
+        if spec is not None and spec.check is not None:
+            spec.check(root_cfg)
 
     def apply(
         self, model: nn.Module, defaults: dict[str, list[str]] | None = None, ctx: ApplyContext | None = None

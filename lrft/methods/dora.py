@@ -8,16 +8,9 @@ or ``method=pissa method.dora=true`` for a PiSSA init under the DoRA parametriza
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from lrft.methods.lora import Lora, LoraConfig
+from lrft.methods.lora import Lora
 from lrft.methods.registry import register_method
-
-
-@dataclass
-class DoraConfig(LoraConfig):
-    name: str = "dora"
-    dora: bool = True
+from lrft.methods.schemas import DoraConfig
 
 
 @register_method("dora", config=DoraConfig)

@@ -8,63 +8,24 @@ base storage (``quantization=nf4``: QLoRA). Options compose: ``method=pissa meth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 
-from lrft import quantization
-from lrft.errors import UserError
 from lrft.methods.base import (
     ApplyContext,
     Method,
-    MethodConfig,
     find_targets,
     mark_modules_to_save,
     replace_module,
 )
 from lrft.methods.layers import DoraLinear, LowRankLinear
 from lrft.methods.registry import register_method
-
-
-@dataclass
-class LoraConfig(MethodConfig):
-    name: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    # layer names to adapt (last name component) or ["all-linear"]; null: the model's default
-    target_modules: list[str] | None = None
-    rslora: bool = False  # scale α/√r instead of α/r
-    freeze_a: bool = False  # LoRA-FA: A fixed after init, only B trains
-    dora: bool = False  # DoRA: W' = m · (W + sBA) / ‖W + sBA‖_c, magnitude m trained too
-    project_grad: bool = False  # with freeze_a: B's gradient times (AAᵀ)⁻¹/s² (PEFT's LoraFAOptimizer)
+from lrft.methods.schemas import LoraConfig
 
 
 @register_method("lora", config=LoraConfig)
 class Lora(Method):
     cfg: LoraConfig
-
-    @classmethod
-    def validate(cls, root_cfg: Any) -> None:
-        m = root_cfg.method
-        if m.r < 1:
-            raise UserError(f"method.r must be >= 1, got {m.r}.")
-        if not 0.0 <= m.dropout < 1.0:
-            raise UserError(f"method.dropout must be in [0, 1), got {m.dropout}.")
-        if m.project_grad and not m.freeze_a:
-            raise UserError(
-                "method.project_grad=true corrects B's gradient for a FROZEN A (LoRA-FA): "
-                "add method.freeze_a=true, or use method=lora_fa."
-            )
-        if str(root_cfg.optimizer.name).startswith("galore"):
-            raise UserError(
-                f"optimizer={root_cfg.optimizer.name} projects full-rank gradients to low rank; "
-                f"method={m.name}'s factors are low-rank already. Use optimizer=adamw (or adamw8bit), "
-                "or method=galore to train full weights with GaLore."
-            )
-        quantization.check(root_cfg)
 
     def inject(self, model: nn.Module, defaults: dict[str, list[str]]) -> nn.Module:
         c = self.cfg

@@ -7,16 +7,9 @@ the adapted layer keeps only x̃Aᵀ (n × r) for backward instead of the input 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from lrft.methods.lora import Lora, LoraConfig
+from lrft.methods.lora import Lora
 from lrft.methods.registry import register_method
-
-
-@dataclass
-class LoraFAConfig(LoraConfig):
-    name: str = "lora_fa"
-    freeze_a: bool = True
+from lrft.methods.schemas import LoraFAConfig
 
 
 @register_method("lora_fa", config=LoraFAConfig)

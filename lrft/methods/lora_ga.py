@@ -18,32 +18,20 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
-from lrft.config import one_of
 from lrft.errors import UserError
 from lrft.methods.base import ApplyContext
 from lrft.methods.layers import LowRankLinear
-from lrft.methods.lora import Lora, LoraConfig
+from lrft.methods.lora import Lora
 from lrft.methods.registry import register_method
+from lrft.methods.schemas import LORA_GA_DIRECTIONS, LORA_GA_SCALES, LoraGAConfig
 
-DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
-SCALES = ("stable", "gd", "unit")
-
-
-@dataclass
-class LoraGAConfig(LoraConfig):
-    name: str = "lora_ga"
-    init_batches: int = 8  # training batches (trainer.batch_size each) in the gradient estimate
-    direction: str = "ArB2r"  # which singular vectors: A from V[:r], B from U[r:2r] (paper default)
-    init_scale: str = "stable"  # stable: both × d_out^¼/√γ | gd: both / s | unit: as they come
-    stable_gamma: float = 16.0
-    svd_niter: int = 4  # subspace iterations of the randomized SVD
+DIRECTIONS, SCALES = LORA_GA_DIRECTIONS, LORA_GA_SCALES
 
 
 class _Probe(torch.autograd.Function):
@@ -132,15 +120,6 @@ def ga_factors(
 @register_method("lora_ga", config=LoraGAConfig)
 class LoraGA(Lora):
     cfg: LoraGAConfig
-
-    @classmethod
-    def validate(cls, root_cfg: Any) -> None:
-        super().validate(root_cfg)
-        m = root_cfg.method
-        one_of("method.direction", m.direction, DIRECTIONS)
-        one_of("method.init_scale", m.init_scale, SCALES)
-        if m.init_batches < 1:
-            raise UserError(f"method.init_batches must be >= 1, got {m.init_batches}.")
 
     def init_layers(self, model: nn.Module, layers: dict[str, LowRankLinear], ctx: ApplyContext) -> None:
         if ctx.calibration is None:

@@ -11,9 +11,6 @@ quantized, which loses less than quantizing W first. An already-quantized checkp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -21,16 +18,9 @@ from lrft import quantization
 from lrft.errors import UserError
 from lrft.methods.base import ApplyContext
 from lrft.methods.layers import LowRankLinear
-from lrft.methods.lora import Lora, LoraConfig
+from lrft.methods.lora import Lora
 from lrft.methods.registry import register_method
-
-
-@dataclass
-class PissaConfig(LoraConfig):
-    name: str = "pissa"
-    alpha: float = 8.0  # = r: s = 1, the paper's setting (any s works: the factors absorb 1/s)
-    dropout: float = 0.0
-    svd_niter: int | None = None  # null: exact SVD; N >= 1: randomized SVD with N subspace iterations
+from lrft.methods.schemas import PissaConfig
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int | None) -> tuple[torch.Tensor, ...]:
@@ -49,19 +39,6 @@ def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int | None)
 @register_method("pissa", config=PissaConfig)
 class Pissa(Lora):
     cfg: PissaConfig
-
-    @classmethod
-    def validate(cls, root_cfg: Any) -> None:
-        super().validate(root_cfg)
-        m = root_cfg.method
-        if m.svd_niter is not None and m.svd_niter < 1:
-            raise UserError(f"method.svd_niter must be null (exact SVD) or >= 1, got {m.svd_niter}.")
-        if root_cfg.quantization.name != "none" and quantization.prequantized_checkpoint(root_cfg.model):
-            raise UserError(
-                f"model.name_or_path={root_cfg.model.name_or_path} is already quantized: PiSSA needs the "
-                "full-precision weights for its SVD (QPiSSA quantizes only the residual afterwards). Point "
-                "model.name_or_path at the unquantized checkpoint, or use method=lora (QLoRA) on this one."
-            )
 
     def init_layers(self, model: nn.Module, layers: dict[str, LowRankLinear], ctx: ApplyContext) -> None:
         c = self.cfg

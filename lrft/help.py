@@ -1,0 +1,152 @@
+"""``--help`` pages rendered from the config schemas: every key, its default and its comment.
+
+The dataclass schemas are the single reference for a command's keys; their inline comments (or the
+comment lines just above a field) are the explanations. Any command with a schema gets the same
+page from :func:`print_command_help` (``lrft merge --help``, ``lrft export --help``, and a future
+``lrft generate --help``). Torch-free: a help page must not cost a model import.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, fields, is_dataclass
+from typing import Any
+
+_FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
+
+
+def field_comments(schema: type) -> dict[str, str]:
+    """``{field: comment}`` from the schema's source: the inline comment, else the lines above."""
+    comments: dict[str, str] = {}
+    for cls in reversed(schema.__mro__):  # a subclass's comment wins over its parent's
+        if not is_dataclass(cls):
+            continue
+        try:
+            lines = inspect.getsource(cls).splitlines()
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in lines[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("# ").strip())
+                continue
+            match = _FIELD.match(line)
+            if match and not text.startswith(("def ", "@", '"')):
+                name, inline = match.group(1), (match.group(2) or "").strip()
+                comment = inline or " ".join(above)
+                if comment:
+                    comments[name] = comment
+            above = []
+    return comments
+
+
+def _show(value: Any) -> str:
+    if value == "???":
+        return "(required)"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def schema_rows(
+    schema: type, prefix: str = "", values: Mapping[str, Any] | None = None
+) -> list[tuple[str, str, str]]:
+    """(dotted key, default, comment) for every leaf key of ``schema``; nested schemas recurse.
+
+    ``values`` (dotted key -> value) replaces the schema's defaults: the effective defaults once
+    config files are composed (e.g. the quickstart dataset's own trainer settings).
+    """
+    values = values or {}
+    comments = field_comments(schema)
+    rows: list[tuple[str, str, str]] = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        if f.default is not MISSING:
+            default: Any = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = "???"
+        if is_dataclass(default):
+            rows += schema_rows(type(default), f"{key}.", values)
+            continue
+        rows.append((key, _show(values.get(key, default)), comments.get(f.name, "")))
+    return rows
+
+
+def schema_table(title: str, schema: type, prefix: str = "", values: Mapping[str, Any] | None = None) -> Any:
+    """A rich table of :func:`schema_rows`; long comments wrap, keys and defaults never do."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("key", no_wrap=True, style="bold cyan")
+    table.add_column("default", no_wrap=True)
+    table.add_column("meaning", overflow="fold")
+    for key, default, comment in schema_rows(schema, prefix, values):
+        table.add_row(key, default, comment)
+    return table
+
+
+def print_command_help(name: str, schema: type, usage: str, notes: str = "") -> None:
+    """The ``lrft <name> --help`` page: usage, then every key of ``schema`` in one table."""
+    from rich.console import Console
+
+    out = Console()
+    out.print(f"usage: {usage}\n", highlight=False, markup=False)
+    doc = inspect.getdoc(schema)
+    if doc and not doc.startswith(schema.__name__ + "("):  # dataclasses invent a signature doc
+        out.print(doc + "\n", highlight=False, markup=False)
+    out.print(schema_table(f"lrft {name} keys (key=value)", schema))
+    if notes:
+        out.print(notes, highlight=False, markup=False)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested dict (lists stay values)."""
+    if isinstance(tree, Mapping):
+        flat: dict[str, Any] = {}
+        for k, v in tree.items():
+            flat.update(flatten(v, f"{prefix}{k}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def train_defaults() -> tuple[dict[str, str], dict[str, Any]]:
+    """What ``lrft train`` with no overrides runs with, read from the YAML files without Hydra:
+    (group -> default option, dotted key -> value set by those files over the schemas' defaults).
+
+    The default options' ``@package _global_`` files (the quickstart dataset sets its own trainer
+    values) and their own group keys are applied in the defaults-list order, as Hydra composes them;
+    tests/test_cli_ux.py checks the result against the real composition.
+    """
+    import yaml
+
+    from lrft.config import GROUPS, config_dir
+
+    root = config_dir()
+    train = yaml.safe_load((root / "train.yaml").read_text()) or {}
+    choices: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for entry in train.get("defaults", []):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            continue
+        ((group, option),) = entry.items()
+        if group not in GROUPS or option is None:
+            continue
+        choices[group] = str(option)
+        text = (root / group / f"{option}.yaml").read_text()
+        data = yaml.safe_load(text) or {}
+        data.pop("defaults", None)
+        if "@package _global_" in text.split("\n", 3)[0]:
+            values.update(flatten(data))
+        else:
+            values.update(flatten(data, f"{group}."))
+    values.update(flatten({k: v for k, v in train.items() if k not in ("defaults", "hydra")}))
+    return choices, values
