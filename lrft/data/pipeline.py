@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from lrft.data.encode import encode_rows
 from lrft.data.files import iter_rows
 from lrft.data.glue import get_task
-from lrft.data.load import SPLITS, _check
+from lrft.data.load import SPLITS, _check, holding_out, holdout
 from lrft.errors import UserError
 
 FORMAT = 1  # bump when the cached layout or the encoding changes in a way the key does not see
@@ -222,6 +222,8 @@ class _Source:
         self.dcfg, self.split = dcfg, split
         self.spec = get_task(dcfg.subset) if dcfg.kind == "glue" else None
         self.local = dcfg.data_files.train if split == "train" else dcfg.data_files.validation
+        if split == "eval" and not self.local and dcfg.data_files.train:
+            self.local = dcfg.data_files.train  # eval rows held out of the train file (load.holdout)
         self.limit = dcfg.max_train_samples if split == "train" else dcfg.max_eval_samples
         if self.local:
             self.name = str(self.local)
@@ -241,6 +243,8 @@ class _Source:
 
     def records(self, streaming: bool = False) -> Iterator[tuple[int, Any]]:
         rows = iter_rows(self.local) if self.local else _hub_records(self._hub(streaming), self.name)
+        if self.local and holding_out(self.dcfg):  # only a train file: the same rows as load_rows
+            rows = iter(holdout(list(rows), self.dcfg, self.split, self.name))
         for count, item in enumerate(rows):
             if self.limit is not None and 0 <= self.limit <= count:
                 return
@@ -248,7 +252,7 @@ class _Source:
 
     def validated(self, streaming: bool = False) -> Iterator[dict[str, Any]]:
         for number, record in self.records(streaming):
-            yield _check(number, record, self.name, self.spec)
+            yield _check(number, record, self.name, self.spec, self.dcfg.kind)
 
     def _hub(self, streaming: bool) -> Any:
         if not self.dcfg.path:

@@ -25,6 +25,7 @@ from lrft.checkpoint import save_final
 from lrft.errors import Interrupted
 from lrft.export import write_peft_adapter
 from lrft.guards import UntrainedWatch
+from lrft.plots import write_loss_plot
 from lrft.progress import TrainProgress
 from lrft.resume import Position, gather_trainable, load_checkpoint, restore_rng, truncate_metrics
 from lrft.topology import topology
@@ -112,6 +113,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     def evaluate(step: int) -> dict[str, Any]:
         metrics = run_eval(acc, model, s.tokenizer, s.eval_examples, cfg)
         logger.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        if main:
+            write_loss_plot(run_dir)  # RUN/loss.png, train and eval curves so far
         return metrics
 
     if t.eval_every and s.eval_examples and state.pos.step == 0:  # the curve's origin
@@ -167,6 +170,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         "run_dir": str(run_dir),
     }
     if main:
+        write_loss_plot(run_dir)
         save_final(run_dir, s.method, acc.unwrap_model(model), s.tokenizer, cfg, final_state)
         # after final/ is committed: a failed export must not cost the trained state
         write_peft_adapter(acc.unwrap_model(model), s.method, cfg, run_dir / "adapter")
@@ -181,7 +185,8 @@ def _windows(acc: Any, s: Any, state: TrainState) -> Iterator[list[dict[str, Any
     stands (resume skips the micro-batches an epoch already consumed)."""
     while not state.done:
         pos = state.pos
-        s.sampler.use_epoch(pos.epoch)
+        if s.sampler is not None:
+            s.sampler.use_epoch(pos.epoch)
         loader = acc.skip_first_batches(s.loader, pos.batch_in_epoch) if pos.batch_in_epoch else s.loader
         window: list[dict[str, Any]] = []
         for batch in loader:

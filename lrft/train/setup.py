@@ -21,7 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrft.data import Collator, encode_rows, load_rows, num_labels
+from lrft.data import Collator, num_labels
+from lrft.data.packing import PackedCollator, pack_examples
+from lrft.data.pipeline import prepare_split
+from lrft.data.sampling import LengthGroupedSampler
 from lrft.errors import UserError
 from lrft.methods import get_method
 from lrft.methods.base import ApplyContext
@@ -97,7 +100,7 @@ class Setup:
     optimizer: Any
     scheduler: Any
     loader: Any
-    sampler: EpochSampler
+    sampler: Any  # EpochSampler, LengthGroupedSampler, or None (streamed data)
     eval_examples: list[dict[str, Any]]
     total: int
     steps_per_epoch: int
@@ -120,10 +123,12 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
 
     t, task = cfg.trainer, cfg.model.task
     main = accelerator.is_main_process
-    # data first: a bad file should fail before a large model is loaded
+    # data first: a bad file should fail before a large model is loaded. Tokenized once into a
+    # memory-mapped cache (one process prepares it, the others wait, then all read it)
     tokenizer = load_tokenizer(cfg.model)
-    train_ex = encode_rows(load_rows(cfg.dataset, "train"), cfg.dataset, task, tokenizer)
-    eval_ex = encode_rows(load_rows(cfg.dataset, "eval"), cfg.dataset, task, tokenizer)
+    train_ex = prepare_split(cfg.dataset, "train", task, tokenizer, accelerator=accelerator, seed=t.seed)
+    eval_ex = prepare_split(cfg.dataset, "eval", task, tokenizer, accelerator=accelerator)
+    streaming = not hasattr(train_ex, "__len__")
 
     random_init = cfg.model.name_or_path is None
     model = load_model(cfg.model, num_labels(cfg.dataset), qcfg=None if random_init else cfg.quantization)
@@ -157,15 +162,29 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
         model.config.use_cache = False  # no KV cache while training: it only costs memory
     n_train, n_total = count_parameters(model)
 
-    sampler = EpochSampler(len(train_ex), t.seed)
+    rows, batch_collate = train_ex, collate
+    if cfg.dataset.packing:  # whole examples concatenated into rows of max_length (lrft.data.packing)
+        rows = pack_examples(train_ex, int(cfg.dataset.max_length))
+        batch_collate = PackedCollator(collate.pad_id)
     # its own generator: creating an iterator then draws no number from the global RNG (dropout)
     gen = torch.Generator().manual_seed(t.seed)
-    loader = DataLoader(train_ex, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, generator=gen)
+    if streaming:  # read as it comes: no sampler, resume skips the batches already seen
+        sampler = None
+        loader = DataLoader(rows, batch_size=t.batch_size, collate_fn=batch_collate)
+    else:
+        if t.group_by_length:
+            lengths = [len(r["input_ids"]) for r in rows]
+            sampler = LengthGroupedSampler(lengths, t.batch_size, t.seed)
+        else:
+            sampler = EpochSampler(len(rows), t.seed)
+        loader = DataLoader(
+            rows, batch_size=t.batch_size, sampler=sampler, collate_fn=batch_collate, generator=gen
+        )
     optimizer = method.build_optimizer(model, cfg.optimizer)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # measured on the sharded loader: N processes with the same global batch take as many steps as
     # one; a last, shorter accumulation window still makes a step
-    steps_per_epoch = max(1, math.ceil(len(loader) / t.grad_accum))
+    steps_per_epoch = t.max_steps if streaming else max(1, math.ceil(len(loader) / t.grad_accum))
     total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(steps_per_epoch * t.epochs))
     scheduler = build_scheduler(optimizer, t, total)
     return Setup(

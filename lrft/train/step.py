@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrft import faults
+from lrft.data.packing import batch_token_stats
 
 IGNORE_INDEX = -100
 
@@ -117,10 +118,9 @@ def forward_backward(
             bad = torch.maximum(bad, (~finite).float())
             backward(torch.where(finite, s, torch.zeros_like(s)) * scale)
         acc += s.detach()
-        mask = batch.get("attention_mask")
-        ids = batch["input_ids"]
-        real += mask.sum() if mask is not None else ids.numel()
-        padded += ids.numel()
+        tokens, _pad = batch_token_stats(batch)  # packed rows have no attention mask
+        real += tokens
+        padded += batch["input_ids"].numel()
     if faults.armed("grad_inf_at_step", step + 1, accelerator.process_index):
         p = next(p for p in model.parameters() if p.grad is not None)
         p.grad.view(-1)[0] = float("inf")
