@@ -196,3 +196,17 @@ def test_run_info_records_how_the_run_ran(tmp_path, monkeypatch):
     train(compose([*args, f"output_dir={out}"]), out)
     info = json.loads((out / "run_info.json").read_text())
     assert (info["mixed_precision"], info["world_size"], info["distributed_type"]) == ("bf16", 1, "NO")
+
+
+def test_packed_step_equals_unpacked_step(tmp_path):
+    """One SGD step over the same 8 examples, packed into rows or padded into a batch: with the
+    token-weighted loss and packed attention (position ids restart per example) the update is one."""
+    args = [*COMMON, *uneven_data(tmp_path, n=8), *SGD, "trainer.max_steps=1", "trainer.batch_size=8"]
+    plain = run(tmp_path, "plain", args)
+    packed = run(tmp_path, "packed", [*args, "dataset.packing=true"])
+    assert max_diff(plain, packed) < 1e-6
+    records = [json.loads(x) for x in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        records[0]["padding"]
+        < json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])["padding"]
+    )
