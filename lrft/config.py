@@ -211,8 +211,6 @@ def register_schemas() -> None:
         # ${bundled:quickstart/train.jsonl}: a data file shipped inside the package
         OmegaConf.register_new_resolver("bundled", lambda rel: str(Path(__file__).parent / "data" / rel))
     if not OmegaConf.has_resolver("checkpoint_name"):
-        from lrft.models import checkpoint_name
-
         # model=hf: the run is named after the checkpoint's folder / hub id
         OmegaConf.register_new_resolver("checkpoint_name", checkpoint_name)
     if not OmegaConf.has_resolver("run_stamp"):
@@ -223,6 +221,14 @@ def register_schemas() -> None:
         cs.store(group=f"schema/{group}", name="base", node=schema)
     for name, spec in METHODS.items():
         cs.store(group="schema/method", name=name, node=spec.config)
+
+
+def checkpoint_name(name_or_path: Any) -> str:
+    """A run label from a folder or hub id: its last path component (``org/Model-1B`` -> ``Model-1B``)."""
+    if not name_or_path:
+        return "hf"
+    last = Path(str(name_or_path).rstrip("/\\")).name or "hf"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", last)
 
 
 def run_stamp() -> str:
@@ -406,9 +412,11 @@ def validate(cfg: DictConfig) -> None:
     one_of("dataset.kind", d.kind, DATASET_KINDS)
     if m.name_or_path is None and m.from_config is None:
         raise UserError(f"model '{m.name}' has neither name_or_path nor from_config: set model.name_or_path.")
-    from lrft.models import resolve_model_config
+    open_task = OmegaConf.is_missing(m, "task") or m.task is None
+    if open_task or (not list(m.target_modules) and m.name_or_path):
+        from lrft.models import resolve_model_config  # torch: only when the checkpoint must decide
 
-    resolve_model_config(cfg)  # model=hf: task, targets from the checkpoint (before any data encoding)
+        resolve_model_config(cfg)  # model=hf: task, targets from the checkpoint (before any data encoding)
     one_of("model.task", m.task, TASKS)
     one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
     one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)

@@ -8,13 +8,13 @@ download at all.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lrft.config import checkpoint_name  # noqa: F401 - re-exported (torch-free home)
 from lrft.errors import UserError
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]  # ids 0..4, then the 256 bytes
@@ -271,14 +271,6 @@ def looks_like_path(name_or_path: str) -> bool:
     may be a hub id."""
     s = name_or_path
     return s.startswith(("/", ".", "~")) or s.endswith("/") or s.count("/") > 1 or "\\" in s
-
-
-def checkpoint_name(name_or_path: Any) -> str:
-    """A run label from a folder or hub id: its last path component (``org/Model-1B`` -> ``Model-1B``)."""
-    if not name_or_path:
-        return "hf"
-    last = Path(str(name_or_path).rstrip("/\\")).name or "hf"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", last)
 
 
 def checkpoint_config(name_or_path: str, revision: str | None = None, remote_code: bool = False) -> Any:

@@ -265,6 +265,9 @@ class _Source:
             return self._loaded
         import datasets
 
+        from lrft.hub import require_hub  # offline: one message now, not a minute of retries
+
+        require_hub(self.dcfg.path, "dataset.path", repo_type="dataset")
         try:
             ds = datasets.load_dataset(
                 self.dcfg.path, self.dcfg.subset, split=self.hub_split, streaming=streaming
