@@ -47,6 +47,8 @@ def load_rows(dcfg: Any, split: str) -> list[dict[str, Any]]:
         source = str(local)
         records = read_rows(local)
         if holding_out(dcfg):
+            for number, record in records:  # a bad row is named wherever the holdout puts it
+                _check(number, record, source, spec, dcfg.kind)
             records = holdout(records, dcfg, split, source)
     else:
         source, records = _hub_rows(dcfg, split, spec)

@@ -128,8 +128,17 @@ def _cached(
     with gate:  # the main process hashes the file first: the others then find its hash by stat
         folder = root / fingerprint(dcfg, split, task, tokenizer, source.identity(root))
         if not (folder / "meta.json").is_file():
-            _build(source, dcfg, task, tokenizer, folder)
+            try:
+                _build(source, dcfg, task, tokenizer, folder)
+            except _NoRows:
+                if split == "eval":  # e.g. a small train file with nothing held out: no eval data
+                    return Examples([])
+                raise UserError(f"{source.name}: the training data has no rows.") from None
         return Examples(_load(folder))
+
+
+class _NoRows(Exception):
+    """The source yielded no row at all."""
 
 
 def _load(folder: Path) -> Any:
@@ -150,7 +159,9 @@ def _build(source: _Source, dcfg: DictConfig, task: str, tokenizer: Any, folder:
     tmp.mkdir(parents=True)
     try:
         rows = source.validated()
-        first = next(rows)  # a missing or empty source fails here, before any file is written
+        first = next(rows, None)  # a missing source fails here, before any file is written
+        if first is None:
+            raise _NoRows
         features = _features(encode_rows([first], dcfg, task, tokenizer)[0])
         writer = ArrowWriter(features=Features({"row": Value("string")}), path=str(tmp / "rows.arrow"))
         pending = [json.dumps(first)]
@@ -244,7 +255,10 @@ class _Source:
     def records(self, streaming: bool = False) -> Iterator[tuple[int, Any]]:
         rows = iter_rows(self.local) if self.local else _hub_records(self._hub(streaming), self.name)
         if self.local and holding_out(self.dcfg):  # only a train file: the same rows as load_rows
-            rows = iter(holdout(list(rows), self.dcfg, self.split, self.name))
+            everything = list(rows)
+            for number, record in everything:  # a bad row is named wherever the holdout puts it
+                _check(number, record, self.name, self.spec, self.dcfg.kind)
+            rows = iter(holdout(everything, self.dcfg, self.split, self.name))
         for count, item in enumerate(rows):
             if self.limit is not None and 0 <= self.limit <= count:
                 return
