@@ -165,7 +165,14 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     rows, batch_collate = train_ex, collate
     if cfg.dataset.packing:  # whole examples concatenated into rows of max_length (lrft.data.packing)
         rows = pack_examples(train_ex, int(cfg.dataset.max_length))
-        batch_collate = PackedCollator(collate.pad_id)
+        # compiled: one shape for every batch, so nothing recompiles
+        batch_collate = PackedCollator(
+            collate.pad_id, pad_to=int(cfg.dataset.max_length) if t.compile else None
+        )
+    if t.compile:
+        # in place, after the method (its layers compile with the rest): the module, its parameter
+        # names and so checkpoints stay those of the eager model
+        model.compile()
     # its own generator: creating an iterator then draws no number from the global RNG (dropout)
     gen = torch.Generator().manual_seed(t.seed)
     if streaming:  # read as it comes: no sampler, resume skips the batches already seen
