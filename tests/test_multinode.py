@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from launch import torchrun_nodes
 from safetensors.torch import load_file
@@ -50,7 +51,14 @@ def ok(procs: list) -> None:
         assert p.returncode == 0, p.stderr[-3000:]
 
 
-def test_two_nodes_on_a_shared_folder_equal_one_process_and_resume(tmp_path):
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tmp_path_factory.mktemp("nodes")
+
+
+def test_two_nodes_on_a_shared_folder_equal_one_process_and_resume(base):
+    tmp_path = base / "shared"
+    tmp_path.mkdir()
     args = [*COMMON, *data(tmp_path), "trainer.batch_size=2"]
     one = tmp_path / "one"
     train(
@@ -73,13 +81,20 @@ def test_two_nodes_on_a_shared_folder_equal_one_process_and_resume(tmp_path):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_node_local_folders_resume_from_the_newest_step_every_node_has(tmp_path):
+def test_node_local_folders_resume_from_the_newest_step_every_node_has(base):
+    """Runs after the shared-folder test, whose uninterrupted run is the reference here."""
+    tmp_path = base / "local"
+    tmp_path.mkdir()
     args = [*COMMON, *data(tmp_path), "trainer.batch_size=2", "trainer.shared_fs=false"]
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     per_node = [[*args, f"output_dir={d}"] for d in nodes]
-    ref = tmp_path / "ref"
-    # the uninterrupted run, on a folder both nodes share: shared_fs=false is overruled (one writer)
-    ok(torchrun_nodes([[*args, f"output_dir={ref}"]] * 2))
+    # the uninterrupted reference: the shared-folder test's run (same data, seed and global batch)
+    shared_runs = tmp_path.parent / "shared" / "runs"
+    if shared_runs.is_dir():
+        ref = next(shared_runs.iterdir())
+    else:  # run alone (-k): make the reference here
+        ref = tmp_path / "ref"
+        ok(torchrun_nodes([[*args, f"output_dir={ref}"]] * 2))
     procs = torchrun_nodes(per_node, fault="kill_at_step:5")
     assert all(p.returncode != 0 for p in procs)
     for rank, d in enumerate(nodes):  # each node wrote its own copy, with its own rank's RNG
