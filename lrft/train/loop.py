@@ -28,6 +28,7 @@ from lrft.guards import UntrainedWatch
 from lrft.plots import write_loss_plot
 from lrft.progress import TrainProgress
 from lrft.resume import Position, gather_trainable, load_checkpoint, restore_rng, truncate_metrics
+from lrft.runs import resume_command
 from lrft.topology import topology
 from lrft.train.callbacks import Logger, run_eval, save
 from lrft.train.policy import StepPolicy
@@ -149,7 +150,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     except KeyboardInterrupt as stop:
         done = state.snapshot[0].step if state.snapshot else 0
         saved = save(acc, run_dir, state, cfg, s, writer) if t.save_on_interrupt and done > 0 else None
-        hint = f"saved {saved}; resume with: {_resume_command(run_dir)}" if saved else "nothing saved"
+        hint = f"saved {saved}; resume with: {resume_command(run_dir)}" if saved else "nothing saved"
         code = 143 if str(stop) == "SIGTERM" else 130
         raise Interrupted(f"interrupted at step {done}: {hint}", code=code) from None
     if s.eval_examples:
@@ -202,14 +203,6 @@ def _windows(acc: Any, s: Any, state: TrainState) -> Iterator[list[dict[str, Any
             pos.batch_in_epoch += len(window)
             yield window
         pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-
-
-def _resume_command(run_dir: Path) -> str:
-    try:
-        from lrft.runs import resume_command
-    except ImportError:  # the run-folder module is optional in older trees
-        return f"lrft train output_dir={run_dir} trainer.resume=auto"
-    return resume_command(run_dir)
 
 
 def _flat_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
