@@ -152,6 +152,9 @@ class TrainerConfig:
     shared_fs: bool | None = None
     group_by_length: bool = False  # batches of similar lengths (lrft.data.sampling); see dataset.packing
     compile: bool = False  # torch.compile the model (the low-rank layer has no graph breaks)
+    # none: every process holds the whole model (data parallel); fsdp2: the model, its gradients and
+    # optimizer state split over the processes (lrft.train.sharding)
+    sharding: str = "none"
 
 
 @dataclass
@@ -425,6 +428,7 @@ def validate(cfg: DictConfig) -> None:
         one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
     one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
     one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
+    one_of("trainer.sharding", t.get("sharding", "none"), ("none", "fsdp2"))
     if d.eval_holdout < 0:
         raise UserError(
             f"dataset.eval_holdout must be >= 0 (a fraction < 1 or a row count), got {d.eval_holdout}."

@@ -26,7 +26,7 @@ def check_gradients(model: nn.Module, allow_nonfinite: bool = False) -> None:
             continue
         if p.grad is None:
             missing.append(name)
-        elif not allow_nonfinite and not torch.isfinite(p.grad).all():
+        elif not allow_nonfinite and not torch.isfinite(_whole(p.grad)).all():
             bad.append(name)
     if missing:
         raise UserError(
@@ -40,6 +40,12 @@ def check_gradients(model: nn.Module, allow_nonfinite: bool = False) -> None:
             f"non-finite gradients in the first step for {', '.join(bad[:6])}: lower optimizer.lr, "
             "use trainer.mixed_precision=bf16 instead of fp16, or check the data."
         )
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 gradients are dim-0 shards: every rank must judge the whole one (this is a collective,
+    # and every rank walks the same parameters in the same order)
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def nan_message(step: int, loss: float, last_ckpt: str | None) -> str:

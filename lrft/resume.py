@@ -118,8 +118,14 @@ def save_checkpoint(
     tmp = final.with_name(f".tmp-{final.name}")
     trainable = gather_trainable(accelerator, model, method)
     writer = accelerator.is_main_process if writer is None else writer
+    per_rank = optimizer_per_rank(accelerator, model)
+    optim_state = optimizer.state_dict()
+    if per_rank:  # this rank's shard of the optimizer state: one file per rank
+        from lrft.train.sharding import local_optimizer_state
+
+        optim_state = local_optimizer_state(optim_state)
     if writer:
-        need = 3 * _state_bytes(trainable) + _state_bytes(optimizer.state_dict()) + (16 << 20)
+        need = 3 * _state_bytes(trainable) + _state_bytes(optim_state) * (2 if per_rank else 1) + (16 << 20)
         final.parent.mkdir(parents=True, exist_ok=True)
         have = free_bytes(final.parent)
         if have < need:
@@ -132,14 +138,24 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
+    if per_rank:
+        torch.save({"optimizer": optim_state}, tmp / optim_rank_file(accelerator.process_index))
     accelerator.wait_for_everyone()
     if not writer:
         accelerator.wait_for_everyone()
         return None
     save_state(trainable, tmp / TRAINABLE)
     faults.maybe("kill_in_save", pos.step)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIM)
-    meta = {"position": asdict(pos), "identity": identity(cfg), "method": method_config(method)}
+    shared = {"scheduler": scheduler.state_dict()}
+    if not per_rank:  # data parallel: every rank's optimizer state is the same; one copy
+        shared["optimizer"] = optim_state
+    torch.save(shared, tmp / OPTIM)
+    meta = {
+        "position": asdict(pos),
+        "identity": identity(cfg),
+        "method": method_config(method),
+        "optimizer_per_rank": per_rank,
+    }
     (tmp / STATE).write_text(json.dumps(meta, indent=2))
     _verify_shapes(tmp / TRAINABLE, trainable)
     manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
@@ -158,15 +174,28 @@ def save_checkpoint(
     return final
 
 
+def optim_rank_file(rank: int) -> str:
+    return f"optim_rank{rank:05d}.pt"
+
+
+def optimizer_per_rank(accelerator: Any, model: nn.Module) -> bool:
+    """Whether each rank holds its own share of the optimizer state (FSDP2, DeepSpeed ZeRO): then
+    each rank saves and loads its own file; under data parallel one copy serves every rank."""
+    from lrft.train.sharding import is_sharded
+
+    return is_sharded(accelerator.unwrap_model(model)) or accelerator.distributed_type.value == "DEEPSPEED"
+
+
 def gather_trainable(accelerator: Any, model: nn.Module, method: Any) -> dict[str, torch.Tensor]:
-    """The method's trainable state as full tensors. Under FSDP / DeepSpeed ZeRO-3 each rank holds
-    a shard, so the state is gathered (a collective: every rank calls this) onto rank 0."""
+    """The method's trainable state as full tensors, on every rank: under FSDP2 each rank holds a
+    dim-0 shard of every parameter, under ZeRO-3 a partition. Only the trainable tensors are
+    gathered (a collective: every rank calls this), never the whole model's state dict."""
+    from lrft.train.sharding import whole, whole_weights
+
     unwrapped = accelerator.unwrap_model(model)
-    local = method.trainable_state_dict(unwrapped)
-    if accelerator.distributed_type.value not in ("FSDP", "DEEPSPEED"):
-        return local
-    full = accelerator.get_state_dict(model)
-    return {k: full[k] for k in local if k in full} if accelerator.is_main_process else {}
+    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+    with whole_weights(trainable):
+        return {k: whole(v).detach().clone() for k, v in method.trainable_state_dict(unwrapped).items()}
 
 
 def _verify_shapes(path: Path, expected: dict[str, torch.Tensor]) -> None:
@@ -241,22 +270,31 @@ def find_checkpoint(run_dir: Path, resume: str, accelerator: Any = None) -> Path
     return agree_on_checkpoint(accelerator, run_dir, intact)
 
 
-def load_checkpoint(
-    ckpt: Path,
-    accelerator: Any,
-    cfg: DictConfig,
-    method: Any,
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-) -> tuple[Position, dict[str, Any]]:
-    """Load a checkpoint into the run's objects; returns the position and this rank's RNG state."""
+def restore_trainable(ckpt: Path, cfg: DictConfig, method: Any, model: nn.Module) -> None:
+    """The checkpoint's trainable weights into the (not yet sharded or wrapped) model, after its
+    identity is checked: before sharding, every rank loads whole tensors the plain way."""
     meta = json.loads((ckpt / STATE).read_text())
     mine, theirs = identity(cfg), meta["identity"]
     diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
     if diff:
         raise UserError(f"Cannot resume from {ckpt}: the run differs.\n  " + "\n  ".join(diff))
+    method.load_trainable(model, load_state(ckpt / TRAINABLE))
+
+
+def load_checkpoint(
+    ckpt: Path, accelerator: Any, optimizer: Any, scheduler: Any
+) -> tuple[Position, dict[str, Any]]:
+    """Optimizer, scheduler and position (the weights came in through :func:`restore_trainable`);
+    returns the position and this rank's RNG state."""
+    meta = json.loads((ckpt / STATE).read_text())
     pos = Position(**meta["position"])
+    per_rank = meta.get("optimizer_per_rank", False)
+    if per_rank and pos.world_size != accelerator.num_processes:
+        raise UserError(
+            f"Cannot resume from {ckpt}: its optimizer state is split over {pos.world_size} processes "
+            f"(sharded training) and this run has {accelerator.num_processes}. Resume with "
+            f"{pos.world_size} processes."
+        )
     if pos.world_size != accelerator.num_processes:
         warnings.warn(
             f"resuming a {pos.world_size}-process run with {accelerator.num_processes} processes: the "
@@ -264,18 +302,27 @@ def load_checkpoint(
             "to an uninterrupted one (the weights, optimizer and step carry over).",
             stacklevel=2,
         )
-    method.load_trainable(model, load_state(ckpt / TRAINABLE))
-    try:
-        state = torch.load(ckpt / OPTIM, weights_only=True, map_location="cpu")
-    except Exception as err:
-        raise UserError(f"Cannot read {ckpt / OPTIM}: {err}") from None
-    optimizer.load_state_dict(state["optimizer"])
+    state = _read(ckpt / OPTIM)
+    if per_rank:
+        from lrft.train.sharding import as_sharded_optimizer_state
+
+        mine = _read(ckpt / optim_rank_file(accelerator.process_index))["optimizer"]
+        optimizer.load_state_dict(as_sharded_optimizer_state(optimizer, mine))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rank_file = ckpt / f"rng_rank{accelerator.process_index}.pt"
     if not rank_file.is_file():
         rank_file = ckpt / "rng_rank0.pt"
     rng = torch.load(rank_file, weights_only=True)
     return pos, rng
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:
+        raise UserError(f"Cannot read {path}: {err}") from None
 
 
 def truncate_metrics(metrics_file: Path, step: int) -> None:

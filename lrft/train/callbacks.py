@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from lrft.evaluate import evaluate_model
 from lrft.progress import TrainProgress
 from lrft.resume import save_checkpoint
+from lrft.train.sharding import is_sharded
 from lrft.train.state import TrainState
 from lrft.train.step import StepResult
 
@@ -72,11 +73,18 @@ def run_eval(accelerator: Any, model: Any, tokenizer: Any, examples: list, cfg: 
     t = cfg.trainer
     unwrapped = accelerator.unwrap_model(model)
     bs = t.eval_batch_size or t.batch_size
-    # split across processes and merged: every rank gets the whole set's metrics
-    return evaluate_model(
-        unwrapped, tokenizer, examples, cfg.dataset, cfg.model.task, bs, accelerator.device,
-        accelerator=accelerator,
-    )  # fmt: skip
+    if not is_sharded(unwrapped):
+        # split across processes and merged: every rank gets the whole set's metrics
+        return evaluate_model(
+            unwrapped, tokenizer, examples, cfg.dataset, cfg.model.task, bs, accelerator.device,
+            accelerator=accelerator,
+        )  # fmt: skip
+    # FSDP2: every forward is a collective, so every rank must run the same batches in step; each
+    # evaluates the whole set (identical results, no merge). Autocast as the loop's forward.
+    with accelerator.autocast():
+        return evaluate_model(
+            unwrapped, tokenizer, examples, cfg.dataset, cfg.model.task, bs, accelerator.device
+        )
 
 
 def save(

@@ -33,6 +33,7 @@ from lrft.topology import topology
 from lrft.train.callbacks import Logger, run_eval, save
 from lrft.train.policy import StepPolicy
 from lrft.train.setup import make_accelerator, setup, write_run_files
+from lrft.train.sharding import unsharded
 from lrft.train.state import TrainState
 from lrft.train.step import forward_backward
 
@@ -89,8 +90,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     state = TrainState(s.total, s.steps_per_epoch, Position(world_size=acc.num_processes))
 
     if s.resume_from is not None:
-        unwrapped = acc.unwrap_model(model)
-        state.pos, rng = load_checkpoint(s.resume_from, acc, cfg, s.method, unwrapped, optimizer, scheduler)
+        state.pos, rng = load_checkpoint(s.resume_from, acc, optimizer, scheduler)  # weights: in setup
         state.pos.world_size = acc.num_processes
         if main:
             truncate_metrics(logger.file, state.pos.step)
@@ -106,7 +106,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     )
     # layer-wise GaLore updates each weight inside backward and frees its gradient there
     in_backward = getattr(getattr(optimizer, "optimizer", optimizer), "updates_in_backward", False)
-    policy = StepPolicy(acc, t, in_backward)
+    policy = StepPolicy(acc, t, in_backward, sharded=s.sharded)
     unwrapped = acc.unwrap_model(model)
     decoder_inputs = getattr(unwrapped, "prepare_decoder_input_ids_from_labels", None)
     watch = UntrainedWatch(unwrapped, t.untrained_warn_steps)
@@ -170,13 +170,14 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         "resumed_from": str(s.resume_from) if s.resume_from is not None else None,
         "run_dir": str(run_dir),
     }
-    if main:
-        write_loss_plot(run_dir)
-        save_final(run_dir, s.method, acc.unwrap_model(model), s.tokenizer, cfg, final_state)
-        # after final/ is committed: a failed export must not cost the trained state
-        write_peft_adapter(acc.unwrap_model(model), s.method, cfg, run_dir / "adapter")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        progress.summary(summary)
+    with unsharded(acc.unwrap_model(model)):  # FSDP2: whole layers for the exports (a collective)
+        if main:
+            write_loss_plot(run_dir)
+            save_final(run_dir, s.method, acc.unwrap_model(model), s.tokenizer, cfg, final_state)
+            # after final/ is committed: a failed export must not cost the trained state
+            write_peft_adapter(acc.unwrap_model(model), s.method, cfg, run_dir / "adapter")
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            progress.summary(summary)
     acc.end_training()
     return Run(summary, acc.unwrap_model(model), s.method)
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from lrft.errors import UserError
 from lrft.guards import check_gradients, nan_message
+from lrft.train.sharding import whole
 from lrft.train.state import TrainState
 from lrft.train.step import StepResult
 
@@ -50,18 +51,24 @@ def resolve_precision(requested: str | None) -> str:
 class StepPolicy:
     """Owns precision details (autocast, the fp16 GradScaler) and the per-step decision."""
 
-    def __init__(self, accelerator: Any, tcfg: Any, updates_in_backward: bool = False) -> None:
+    def __init__(
+        self, accelerator: Any, tcfg: Any, updates_in_backward: bool = False, sharded: bool = False
+    ) -> None:
         self.acc = accelerator
         self.t = tcfg
         self.in_backward = updates_in_backward  # layer-wise GaLore: nothing left to clip or check
         self.fp16 = accelerator.mixed_precision == "fp16"
         # on CPU accelerate does not autocast fp16 itself (its GradScaler is set in make_accelerator)
         self._cpu_autocast = self.fp16 and accelerator.device.type == "cpu"
+        # a model lrft sharded itself never went through accelerate's prepare, which autocasts
+        self._own_autocast = sharded and accelerator.mixed_precision != "no"
         self.engine = accelerator.distributed_type.value
 
     def autocast(self) -> AbstractContextManager:
         if self._cpu_autocast:
             return torch.autocast(self.acc.device.type, dtype=torch.float16)
+        if self._own_autocast:
+            return self.acc.autocast()
         return nullcontext()  # accelerate wraps the prepared model's forward itself
 
     @property
@@ -81,7 +88,8 @@ class StepPolicy:
                 self.acc.unscale_gradients()
         norm_bad = torch.zeros((), device=bad.device)
         if norm is not None and not self.fp16:  # fp16: an overflow is the scaler's to handle
-            norm_bad = (~torch.isfinite(torch.as_tensor(norm, device=bad.device))).float()
+            norm = whole(torch.as_tensor(norm))  # FSDP2: a replicated DTensor
+            norm_bad = (~torch.isfinite(norm.to(bad.device))).float()
         any_bad, any_norm_bad = torch.stack([bad, norm_bad]).tolist()  # the one host sync
         step = state.pos.step + 1
         if step == 1 and not self.in_backward and not any_bad and self.engine != "DEEPSPEED":

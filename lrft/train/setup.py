@@ -29,8 +29,9 @@ from lrft.errors import UserError
 from lrft.methods import get_method
 from lrft.methods.base import ApplyContext
 from lrft.models import count_parameters, load_model, load_tokenizer, quantize
-from lrft.resume import find_checkpoint
+from lrft.resume import find_checkpoint, restore_trainable
 from lrft.topology import Topology
+from lrft.train import sharding
 from lrft.train.policy import resolve_precision
 from lrft.train.state import EpochSampler
 
@@ -45,6 +46,7 @@ def make_accelerator(cfg: DictConfig, run_dir: Path) -> Any:
     from accelerate.state import AcceleratorState
 
     t = cfg.trainer
+    t.sharding = sharding.requested(t)  # before the Accelerator: an FSDP launch is taken over here
     precision = resolve_precision(t.mixed_precision)
     AcceleratorState._reset_state()  # a second run in one process may use another precision
     acc = Accelerator(
@@ -108,6 +110,7 @@ class Setup:
     trainable_params: int
     total_params: int
     resume_from: Path | None
+    sharded: bool  # FSDP2: the model lrft sharded itself (not prepared by accelerate)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any, total: int) -> Any:
@@ -123,6 +126,7 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
 
     t, task = cfg.trainer, cfg.model.task
     main = accelerator.is_main_process
+    sharding.refuse(t.sharding, cfg, accelerator)
     # data first: a bad file should fail before a large model is loaded. Tokenized once into a
     # memory-mapped cache (one process prepares it, the others wait, then all read it)
     tokenizer = load_tokenizer(cfg.model)
@@ -156,11 +160,16 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     resume_from = find_checkpoint(run_dir, t.resume, accelerator) if t.resume else None
     ctx = ApplyContext(calibration=calibration, accelerator=accelerator, restoring=resume_from is not None)
     model = method.apply(model, defaults, ctx)
+    if resume_from is not None:  # whole tensors, before any sharding or wrapping
+        restore_trainable(resume_from, cfg, method, model)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training: it only costs memory
-    n_train, n_total = count_parameters(model)
+    n_train, n_total = count_parameters(model)  # before sharding: whole counts
+    sharded = t.sharding == "fsdp2"
+    if sharded:  # before compile and before the optimizer, which must hold the sharded parameters
+        model = sharding.shard(model, accelerator)
 
     rows, batch_collate = train_ex, collate
     if cfg.dataset.packing:  # whole examples concatenated into rows of max_length (lrft.data.packing)
@@ -188,7 +197,10 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
             rows, batch_size=t.batch_size, sampler=sampler, collate_fn=batch_collate, generator=gen
         )
     optimizer = method.build_optimizer(model, cfg.optimizer)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if sharded:  # already distributed: accelerate would wrap it in DDP a second time
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # measured on the sharded loader: N processes with the same global batch take as many steps as
     # one; a last, shorter accumulation window still makes a step
     steps_per_epoch = t.max_steps if streaming else max(1, math.ceil(len(loader) / t.grad_accum))
@@ -196,7 +208,7 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     scheduler = build_scheduler(optimizer, t, total)
     return Setup(
         model, method, tokenizer, optimizer, scheduler, loader, sampler, eval_ex,
-        total, steps_per_epoch, t.grad_accum, n_train, n_total, resume_from,
+        total, steps_per_epoch, t.grad_accum, n_train, n_total, resume_from, sharded,
     )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from lrft import faults
 from lrft.data.packing import batch_token_stats
+from lrft.train.sharding import no_sync
 
 IGNORE_INDEX = -100
 
@@ -108,7 +109,7 @@ def forward_backward(
     nan_fault = faults.armed("nan_loss_at_step", step + 1, accelerator.process_index)
     for i, batch in enumerate(window):
         # gradients are all-reduced once per step, on the last micro-batch
-        sync = nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
+        sync = nullcontext() if i == len(window) - 1 else no_sync(accelerator, model)
         with sync:
             with autocast():
                 s = loss_sum(model, batch, task, decoder_inputs)

@@ -1,0 +1,92 @@
+"""Sharded data parallel (FSDP2, ``trainer.sharding=fsdp2``) on 2 CPU processes (gloo).
+
+The same global batch split over 2 sharded processes must give one process's update (the
+tolerance of the accumulation tests), and a run killed mid-way resumes bit-identically from
+checkpoints whose optimizer state is one file per rank.
+"""
+
+import json
+
+import pytest
+import torch
+from launch import torchrun
+from test_loop_invariants import COMMON, SGD, final_state, max_diff, run, uneven_data
+
+from lrft.config import compose
+from lrft.errors import UserError
+from lrft.train import sharding
+from lrft.train.setup import make_accelerator, setup
+
+FSDP = ["trainer.sharding=fsdp2", "trainer.batch_size=1", "trainer.grad_accum=2"]
+
+
+def ok(proc) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_two_sharded_processes_equal_one_and_resume_bit_identically(tmp_path):
+    # clipping on (the norm is over sharded gradients), accumulation (FSDP2's deferred
+    # reduce-scatter): each process sees 1 example per micro-batch, 2 per step, 4 globally. SGD with
+    # momentum: optimizer state to shard and to restore. (AdamW+clipping amplifies float32 noise to
+    # ~5e-5 against one process, the same for DDP and FSDP2, which agree to 2e-9.)
+    args = [a for a in COMMON if "max_grad_norm" not in a] + ["trainer.max_grad_norm=0.05"]
+    args += ["method=lora_fa", *uneven_data(tmp_path), *SGD, "optimizer.momentum=0.9"]
+    args += ["trainer.max_steps=4", "trainer.save_every=2"]
+    one = run(tmp_path, "one", [*args, "trainer.batch_size=4"])
+    ref = tmp_path / "fsdp"
+    ok(torchrun([*args, *FSDP, f"output_dir={ref}"]))
+    summary = json.loads((ref / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert max_diff(final_state(ref), one) < 1e-6
+    assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 1e-3  # it trained
+
+    # each rank saved its dim-0 share of the momentum; no whole copy was written
+    ckpt = ref / "checkpoints" / "step-00000002"
+    assert "optimizer" not in torch.load(ckpt / "optim.pt", weights_only=True)
+    shards = [
+        torch.load(ckpt / f"optim_rank{r:05d}.pt", weights_only=True)["optimizer"]["state"] for r in (0, 1)
+    ]
+    joined = sorted(
+        (a["momentum_buffer"].shape[0] + b["momentum_buffer"].shape[0], *a["momentum_buffer"].shape[1:])
+        for a, b in zip(shards[0].values(), shards[1].values(), strict=True)
+    )
+    trained = {k: v for k, v in final_state(ref).items() if "lora_B" in k}  # lora_fa trains B only
+    assert joined == sorted(tuple(v.shape) for v in trained.values())
+    # the PEFT adapter was written from whole layers
+    assert (ref / "adapter" / "adapter_model.safetensors").is_file()
+
+    killed = tmp_path / "killed"
+    proc = torchrun([*args, *FSDP, f"output_dir={killed}"], fault="kill_at_step:3")
+    assert proc.returncode != 0
+    ok(torchrun([*args, *FSDP, f"output_dir={killed}", "trainer.resume=auto"]))
+    got, want = final_state(killed), final_state(ref)
+    assert json.loads((killed / "summary.json").read_text())["resumed_from"].endswith("step-00000002")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_fsdp1_launch_is_refused_with_the_fix(monkeypatch):
+    cfg = compose(["trainer.cpu=true"])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UserError, match="fsdp_version: 2"):
+        sharding.requested(cfg.trainer)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert sharding.requested(cfg.trainer) == "fsdp2"  # taken over: accelerate no longer sees FSDP
+    import os
+
+    assert "ACCELERATE_USE_FSDP" not in os.environ and "FSDP_VERSION" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["quantization=nf4"], "cannot be split into DTensor shards"),
+        (["trainer.mixed_precision=fp16"], "ranks could disagree"),
+        (["trainer.sharding=zero9"], "not valid. Valid: fsdp2, none"),
+    ],
+)
+def test_combinations_fsdp2_cannot_train_are_refused(tmp_path, extra, match):
+    args = ["trainer.cpu=true", "trainer.sharding=fsdp2", *extra, f"output_dir={tmp_path}"]
+    with pytest.raises(UserError, match=match):
+        cfg = compose(args)
+        setup(cfg, tmp_path, make_accelerator(cfg, tmp_path))
