@@ -152,7 +152,7 @@ def whole_weights(params: list[nn.Parameter]) -> AbstractContextManager:
         return nullcontext()
     import deepspeed  # only reachable under a DeepSpeed launch
 
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 def local_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
