@@ -141,9 +141,10 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
             model.save_pretrained(run_dir / "base")
             tokenizer.save_pretrained(run_dir / "base")
         model = quantize(model, cfg.model, cfg.quantization)
-    if not cfg.model.device_map:
+    if not cfg.model.device_map and t.sharding == "none":
         # on the device BEFORE the method: data-aware inits (PiSSA's SVD, LoRA-GA's gradient
-        # probes) then run on the GPU, not the host
+        # probes) then run on the GPU, not the host. A model to shard may not fit one device whole:
+        # it stays on the host, and fully_shard moves it over block by block (lrft.train.sharding)
         model = model.to(accelerator.device)
     method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
     _refuse_unsupported(method, model, accelerator)
