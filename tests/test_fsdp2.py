@@ -90,3 +90,14 @@ def test_combinations_fsdp2_cannot_train_are_refused(tmp_path, extra, match):
     with pytest.raises(UserError, match=match):
         cfg = compose(args)
         setup(cfg, tmp_path, make_accelerator(cfg, tmp_path))
+
+
+def test_deepspeed_accumulation_is_refused():
+    """DeepSpeed needs GPUs; the refusal reads only the engine type and the config."""
+    import types
+
+    cfg = compose(["trainer.cpu=true", "trainer.grad_accum=2"])
+    deepspeed = types.SimpleNamespace(distributed_type=types.SimpleNamespace(value="DEEPSPEED"))
+    with pytest.raises(UserError, match="engine steps inside backward"):
+        sharding.refuse("none", cfg, deepspeed)
+    sharding.refuse("none", compose(["trainer.cpu=true"]), deepspeed)  # grad_accum=1 trains

@@ -58,10 +58,19 @@ def requested(tcfg: Any) -> str:
 
 
 def refuse(mode: str, cfg: Any, accelerator: Any) -> None:
-    """Combinations the FSDP2 path does not train correctly, refused before any work."""
+    """Combinations a sharding engine does not train correctly, refused before any work."""
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    if deepspeed and cfg.trainer.grad_accum > 1:
+        # accelerate steps the DeepSpeed engine inside backward, and the engine divides by its own
+        # accumulation count: lrft's token-weighted window would be stepped micro-batch by micro-batch
+        raise UserError(
+            f"trainer.grad_accum={cfg.trainer.grad_accum} under DeepSpeed: the engine steps inside "
+            "backward, so lrft's token-weighted accumulation cannot hold the update back. Use "
+            "grad_accum=1 with a larger trainer.batch_size, or trainer.sharding=fsdp2 (accumulates)."
+        )
     if mode == "none":
         return
-    if accelerator.distributed_type.value == "DEEPSPEED":
+    if deepspeed:
         raise UserError("trainer.sharding=fsdp2 with a DeepSpeed launch: choose one engine.")
     if cfg.quantization.name != "none":
         raise UserError(
