@@ -101,3 +101,17 @@ def test_deepspeed_accumulation_is_refused():
     with pytest.raises(UserError, match="engine steps inside backward"):
         sharding.refuse("none", cfg, deepspeed)
     sharding.refuse("none", compose(["trainer.cpu=true"]), deepspeed)  # grad_accum=1 trains
+
+
+def test_a_bf16_base_with_fp32_adapters_shards(tmp_path):
+    """What FSDP1 could not wrap (one dtype per flattened block): a bfloat16 base, float32 DoRA
+    factors and magnitudes, bf16 autocast, sharded over 2 processes."""
+    out = tmp_path / "bf16"
+    args = ["method=dora", "model.dtype=bfloat16", "trainer.mixed_precision=bf16", "trainer.max_steps=2"]
+    ok(torchrun([*args, "trainer.sharding=fsdp2", "trainer.batch_size=2", "trainer.cpu=true",
+                 "trainer.progress=false", f"output_dir={out}"]))  # fmt: skip
+    state = final_state(out)
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    assert any("lora_magnitude" in k for k in state)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mixed_precision"] == "bf16" and torch.isfinite(torch.tensor(summary["train_loss"]))
