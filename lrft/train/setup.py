@@ -159,7 +159,10 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
 
     # with several processes a collective: every one must agree on the same step
     resume_from = find_checkpoint(run_dir, t.resume, accelerator) if t.resume else None
-    ctx = ApplyContext(calibration=calibration, accelerator=accelerator, restoring=resume_from is not None)
+    # sharded: the model is still on the host, where a device collective (NCCL) cannot reduce; each
+    # rank then computes the whole data-aware init itself (the same numbers on every rank)
+    split = accelerator if t.sharding == "none" else None
+    ctx = ApplyContext(calibration=calibration, accelerator=split, restoring=resume_from is not None)
     model = method.apply(model, defaults, ctx)
     if resume_from is not None:  # whole tensors, before any sharding or wrapping
         restore_trainable(resume_from, cfg, method, model)
