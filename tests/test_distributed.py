@@ -8,10 +8,6 @@ import torch
 from launch import torchrun
 from safetensors.torch import load_file
 
-from lrft.config import compose
-from lrft.methods import METHODS
-from lrft.train import train
-
 # Same-length examples (3-letter words) so every rank's mean loss covers as many tokens as the
 # single process's: then 2 x batch 2 averages to exactly what 1 x batch 4 computes.
 COMMON = [
@@ -44,46 +40,9 @@ def state(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / "trainable.safetensors")
 
 
-@pytest.mark.parametrize("method", [m for m in ("lora_fa", "dora") if m in METHODS] or ["lora_fa"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, method):
-    """SGD keeps the comparison linear in the gradients (Adam's normalisation would amplify the
-    all-reduce's float32 rounding), so the tolerance stays at float32 level: 1e-5 relative."""
-    args = [f"method={method}", *COMMON, *data(tmp_path), "optimizer=sgd", "optimizer.lr=0.5"]
-    one = tmp_path / "one"
-    train(compose([*args, "trainer.batch_size=4", f"output_dir={one}"]), one)
-    two = tmp_path / "two"
-    proc = torchrun([*args, "trainer.batch_size=2", f"output_dir={two}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
-    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-5, atol=1e-5)
-    ref = state(one)
-    for key, value in state(two).items():
-        torch.testing.assert_close(value, ref[key], rtol=1e-5, atol=1e-6, msg=key)
-
-
-def test_two_process_launch_writes_one_run_folder_and_resumes_exactly(tmp_path):
-    args = [
-        "method=lora_fa",
-        *COMMON,
-        *data(tmp_path),
-        "trainer.batch_size=2",
-        "trainer.save_every=2",
-        "trainer.max_steps=8",
-    ]
-    ref = tmp_path / "ref"
-    proc = torchrun([*args, f"output_dir={ref}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (tmp_path / "cwd").mkdir()
-    killed = tmp_path / "killed"
-    proc = torchrun([*args, f"output_dir={killed}"], fault="kill_at_step:5")
-    assert proc.returncode != 0
-    assert (killed / "checkpoints" / "step-00000004" / "rng_rank1.pt").exists()
-    proc = torchrun([*args, f"output_dir={killed}", "trainer.resume=auto"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert losses(killed) == losses(ref)
-    ref_state = state(ref)
-    for key, value in state(killed).items():
-        assert torch.equal(value, ref_state[key]), key
+# 2 processes == 1 process with the same global batch: tests/test_loop_invariants.py (unequal
+# lengths, epoch mode, eval split) and tests/test_fsdp2.py (sharded). Kill and exact resume of a
+# multi-process run: tests/test_multinode.py (DDP) and tests/test_fsdp2.py (per-rank optimizer).
 
 
 def test_default_run_folder_is_shared_by_all_ranks(tmp_path):
