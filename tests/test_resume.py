@@ -53,6 +53,22 @@ def reference(tmp: Path, method: str):
     return losses(out), final_state(out), result
 
 
+@pytest.fixture(scope="module")
+def lora_fa_run(tmp_path_factory):
+    """The uninterrupted lora_fa run, trained once for the module: (folder, losses, final state)."""
+    tmp = tmp_path_factory.mktemp("lora_fa_ref")
+    ref_losses, ref_state, _ = reference(tmp, "lora_fa")
+    return tmp / "ref", ref_losses, ref_state
+
+
+@pytest.fixture
+def lora_fa_ref(lora_fa_run, tmp_path):
+    """The shared reference, copied into this test's folder (tests may damage their copy)."""
+    src, ref_losses, ref_state = lora_fa_run
+    shutil.copytree(src, tmp_path / "ref")
+    return ref_losses, ref_state
+
+
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     """The adapter, or for methods that train every weight (GaLore, full) the saved model."""
     adapter = run_dir / "final" / "trainable.safetensors"
@@ -103,8 +119,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, method):
     assert_same_run(out, losses(ref), final_state(ref))
 
 
-def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
-    ref_losses, ref_state, _ = reference(tmp_path, "lora_fa")
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, lora_fa_ref):
+    ref_losses, ref_state = lora_fa_ref
     out = tmp_path / "killed"
     proc = cli(overrides(tmp_path, "lora_fa", out), fault="kill_in_save:6")
     assert proc.returncode == -9
@@ -115,8 +131,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert_same_run(out, ref_losses, ref_state)
 
 
-def test_ctrl_c_saves_and_resumes_exactly(tmp_path):
-    ref_losses, ref_state, _ = reference(tmp_path, "lora_fa")
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path, lora_fa_ref):
+    ref_losses, ref_state = lora_fa_ref
     out = tmp_path / "stopped"
     proc = cli(overrides(tmp_path, "lora_fa", out), fault="interrupt_at_step:5")
     assert proc.returncode == 130, proc.stderr[-1500:]
@@ -126,8 +142,8 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path):
     assert_same_run(out, ref_losses, ref_state)
 
 
-def test_corrupt_checkpoint_falls_back_or_fails_clearly(tmp_path, capsys):
-    ref_losses, ref_state, _ = reference(tmp_path, "lora_fa")
+def test_corrupt_checkpoint_falls_back_or_fails_clearly(tmp_path, capsys, lora_fa_ref):
+    ref_losses, ref_state = lora_fa_ref
     out = tmp_path / "ref"
     newest = out / "checkpoints" / "step-00000009"
     blob = bytearray((newest / "trainable.safetensors").read_bytes())
@@ -145,8 +161,8 @@ def test_corrupt_checkpoint_falls_back_or_fails_clearly(tmp_path, capsys):
     assert all(torch.equal(state[k], v) for k, v in ref_state.items())
 
 
-def test_disk_full_stops_before_writing_and_loses_nothing(tmp_path, monkeypatch):
-    ref_losses, ref_state, _ = reference(tmp_path, "lora_fa")
+def test_disk_full_stops_before_writing_and_loses_nothing(tmp_path, monkeypatch, lora_fa_ref):
+    ref_losses, ref_state = lora_fa_ref
     import lrft.resume
 
     calls = {"n": 0}
@@ -208,8 +224,7 @@ def test_nan_loss_skip_mode_skips_the_step(tmp_path, nan_at_micro_batch):
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
 
 
-def test_resume_with_another_method_says_what_differs(tmp_path, capsys):
-    reference(tmp_path, "lora_fa")
+def test_resume_with_another_method_says_what_differs(tmp_path, capsys, lora_fa_ref):
     code = main(["train", *overrides(tmp_path, "lora", tmp_path / "ref", "trainer.resume=auto")])
     err = capsys.readouterr().err
     assert code == 2 and "Cannot resume" in err and "lora_fa" in err
