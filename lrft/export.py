@@ -8,7 +8,8 @@ ORIGINAL base, so PiSSA / LoRA-GA come out as plain LoRA of rank 2r and DoRA as 
 magnitude vector. ``lora_alpha = scale · r`` with ``use_rslora=false`` keeps PEFT's α/r equal to the
 layer's scale whatever lrft's own scaling rule was.
 
-Also here: the output-folder rules ``lrft merge`` shares (staging, overwrite, free space).
+Also here: the output-folder rules ``lrft merge`` shares (ownership, overwrite, free space);
+staging and renaming are :mod:`lrft.atomic`'s.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from torch import nn
 
+from lrft.atomic import staged_dir
 from lrft.errors import EXIT_USAGE, UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -309,51 +311,15 @@ def staged_output(output: Path, overwrite: bool, flag: str = "export.overwrite")
     """Yield a hidden sibling folder to write into; on success it replaces ``output`` in one rename.
 
     ``output`` may be replaced only if lrft wrote it (see :func:`check_output`; ``flag`` is the
-    key the message names); the new folder gets lrft's :data:`MARKER`.
-
-    On an exception it is removed; if the process is killed it stays hidden (and the next run
-    removes it), so ``output`` is never a half-written folder.
+    key the message names); the new folder gets lrft's :data:`MARKER`, written inside it before
+    the rename. Staging, flushing and renaming are :func:`lrft.atomic.staged_dir`'s: on an
+    exception nothing stays behind, after a kill only a hidden ``.tmp-*`` sibling.
     """
     output = output.resolve()
     check_output(output, overwrite, flag)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    command = flag.partition(".")[0]
+    with staged_dir(output, mark=None, seal=lambda tmp: mark_output(tmp, command)) as tmp:
         yield tmp
-        mark_output(tmp, flag.partition(".")[0])
-        for f in tmp.rglob("*"):  # contents on disk before the rename makes them visible
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        if output.exists():
-            os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _remove_stale(output: Path) -> None:
-    """Staging folders of killed runs (their process is gone)."""
-    for path in output.parent.glob(f".{output.name}.tmp-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------- lrft export
