@@ -1,16 +1,14 @@
 """Run-folder state on disk: the final trainable state, and rebuilding a finished run from it
 (training checkpoints are :mod:`lrft.resume`'s; PEFT adapters are :mod:`lrft.export`'s).
 
-Everything is written to a temporary sibling folder, then renamed into place and marked complete
-last, so a killed process never leaves a folder that looks finished. Weights go through
-safetensors only.
+Written through :func:`lrft.atomic.staged_dir` (a temporary sibling, flushed, renamed into place,
+marked complete last), so a killed process never leaves a folder that looks finished. Weights go
+through safetensors only.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -20,28 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lrft.atomic import COMPLETE, staged_dir
 from lrft.errors import UserError
 
-COMPLETE = "COMPLETE"
 TRAINABLE = "trainable.safetensors"
-
-
-def _atomic_dir(final: Path) -> Path:
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    (tmp / COMPLETE).write_text("ok\n")
-    for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -71,16 +51,15 @@ def save_final(
 
     ``state``: the trainable state already gathered from sharded ranks (FSDP, ZeRO-3)."""
     final = run_dir / "final"
-    tmp = _atomic_dir(final)
     state = state if state is not None else method.trainable_state_dict(model)
-    if getattr(method, "full_weights", False):
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    else:
-        save_state(state, tmp / TRAINABLE)
-    tokenizer.save_pretrained(tmp)
-    meta = {"method": method_config(method), "model": OmegaConf.to_container(cfg.model, resolve=True)}
-    (tmp / "lrft.json").write_text(json.dumps(meta, indent=2))
-    _commit(tmp, final)
+    with staged_dir(final) as tmp:
+        if getattr(method, "full_weights", False):
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        else:
+            save_state(state, tmp / TRAINABLE)
+        tokenizer.save_pretrained(tmp)
+        meta = {"method": method_config(method), "model": OmegaConf.to_container(cfg.model, resolve=True)}
+        (tmp / "lrft.json").write_text(json.dumps(meta, indent=2))
     return final
 
 

@@ -276,7 +276,7 @@ def export_cmd(argv: list[str]) -> int:
 
 
 def memory_cmd(argv: list[str]) -> int:
-    from lrft.memory_cli import memory_main
+    from lrft.memory.cli import memory_main
 
     return memory_main(argv)
 

@@ -8,18 +8,14 @@ ORIGINAL base, so PiSSA / LoRA-GA come out as plain LoRA of rank 2r and DoRA as 
 magnitude vector. ``lora_alpha = scale · r`` with ``use_rslora=false`` keeps PEFT's α/r equal to the
 layer's scale whatever lrft's own scaling rule was.
 
-Also here: the output-folder rules ``lrft merge`` shares (staging, overwrite, free space).
+Also here: the ``lrft export`` command; the job and output-folder rules it shares with ``lrft merge``
+are :mod:`lrft.jobs`'s.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,19 +25,22 @@ from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from lrft.errors import EXIT_USAGE, UserError
+from lrft.jobs import (
+    MARKER,  # noqa: F401 - re-exported: lrft.export.MARKER is where tests and scripts look
+    SHARD_DELAY_ENV,  # noqa: F401
+    check_output,
+    compose_job,
+    print_help,
+    refuse_overlap,
+    resolve_run,
+    say,
+    staged_output,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-MARKER = ".lrft-output"  # in every folder lrft merge / export writes: what an overwrite may replace
-SHARD_DELAY_ENV = "LRFT_MERGE_SHARD_DELAY"  # test hook: seconds to sleep after each shard is written
 TASK_TYPES = {"causal": "CAUSAL_LM", "classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
-
-
-def say(text: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(text, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- PEFT adapter
@@ -182,180 +181,6 @@ def _base_path(cfg: Any) -> str | None:
     return str(Path(out).resolve() / "base") if out else None
 
 
-# ---------------------------------------------------------------- output folders (shared with merge)
-
-
-def check_plain_keys(folder: Path) -> None:
-    """The written checkpoint must be a plain model: no adapter wrapper or factor names left."""
-    from safetensors import safe_open
-
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as fh:
-            bad = [k for k in fh.keys() if "base_layer" in k or "lora_" in k]  # noqa: SIM118
-        if bad:
-            raise UserError(f"internal error: merged checkpoint still has adapter keys, e.g. {bad[0]}")
-
-
-@contextmanager
-def shard_progress() -> Iterator[None]:
-    """Report each shard as ``save_pretrained`` writes it (and, for tests, pause after it)."""
-    import transformers.modeling_utils as mu
-
-    original: Callable[..., Any] | None = getattr(mu, "safe_save_file", None)
-    if original is None:  # another transformers layout: no progress lines, same result
-        yield
-        return
-    delay = float(os.environ.get(SHARD_DELAY_ENV) or 0)
-
-    def save(tensors: dict[str, torch.Tensor], filename: str, *args: Any, **kwargs: Any) -> Any:
-        result = original(tensors, filename, *args, **kwargs)
-        say(f"wrote shard {Path(filename).name}")
-        if delay:
-            time.sleep(delay)
-        return result
-
-    mu.safe_save_file = save
-    try:
-        yield
-    finally:
-        mu.safe_save_file = original
-
-
-def resolve_run(checkpoint: str | Path) -> Path:
-    """The run folder for ``checkpoint`` (RUN_DIR or RUN_DIR/final), checked to be finished."""
-    run_dir = Path(checkpoint).resolve()
-    if run_dir.name == "final" and (run_dir.parent / "config.yaml").is_file():
-        run_dir = run_dir.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{checkpoint} is not an lrft run folder (no config.yaml).")
-    if not (run_dir / "final" / "COMPLETE").is_file():
-        raise UserError(f"{run_dir} has no complete final state: did its training finish?")
-    return run_dir
-
-
-def refuse_overlap(output: Path, *protected: str | Path | None) -> None:
-    """An output that is, or holds, the run or the base would be replaced by what is read from it."""
-    for path in protected:
-        if path is not None and Path(path).exists():
-            path = Path(path).resolve()
-            if output == path or output in path.parents:
-                raise UserError(f"output {output} would replace {path}, which this command reads.")
-
-
-def check_output(output: Path, overwrite: bool, flag: str = "export.overwrite") -> None:
-    """Refuse a non-empty ``output`` unless ``overwrite`` and lrft wrote everything in it.
-
-    lrft marks each folder it writes with :data:`MARKER`, listing its entries: only such a folder,
-    with nothing added since, may be replaced. Nothing lrft did not write is ever deleted.
-    """
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {output} exists and is not a folder.")
-    if not output.is_dir() or not any(output.iterdir()):
-        return
-    if not overwrite:
-        raise UserError(
-            f"output {output} is not empty ({_entries(output)}): choose another folder, or set "
-            f"{flag}=true to replace a folder lrft wrote."
-        )
-    foreign = foreign_entries(output)
-    if foreign:
-        marked = (output / MARKER).is_file()
-        what = "holds files lrft did not write" if marked else "was not written by lrft"
-        raise UserError(
-            f"output {output} {what}: {', '.join(foreign)}. {flag}=true replaces only a folder lrft "
-            "wrote, so nothing was removed: move those files away or choose another folder."
-        )
-
-
-def foreign_entries(folder: Path) -> list[str]:
-    """Entries of ``folder`` that lrft's :data:`MARKER` does not list (all of them without one)."""
-    names = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
-    try:
-        written = set(json.loads((folder / MARKER).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return names
-    return [n for n in names if n not in written]
-
-
-def _entries(folder: Path, limit: int = 8) -> str:
-    names = sorted(p.name for p in folder.iterdir())
-    return ", ".join(names[:limit]) + (f", ... {len(names) - limit} more" if len(names) > limit else "")
-
-
-def mark_output(folder: Path, command: str) -> None:
-    """Record that lrft wrote ``folder`` and what is in it: what a later overwrite may remove."""
-    record = {
-        "written_by": f"lrft {command}",
-        "files": sorted(p.name for p in folder.iterdir() if p.name != MARKER),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    (folder / MARKER).write_text(json.dumps(record, indent=1) + "\n")
-
-
-def check_free_space(output: Path, need: int) -> None:
-    """Refuse before writing when the output's disk cannot hold ``need`` bytes (plus a margin)."""
-    where = output
-    while not where.exists():
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if free < need * 1.05 + (64 << 20):
-        raise UserError(
-            f"{where} has {free / 2**30:.1f} GiB free; the output needs about {need / 2**30:.1f} GiB."
-        )
-
-
-@contextmanager
-def staged_output(output: Path, overwrite: bool, flag: str = "export.overwrite") -> Iterator[Path]:
-    """Yield a hidden sibling folder to write into; on success it replaces ``output`` in one rename.
-
-    ``output`` may be replaced only if lrft wrote it (see :func:`check_output`; ``flag`` is the
-    key the message names); the new folder gets lrft's :data:`MARKER`.
-
-    On an exception it is removed; if the process is killed it stays hidden (and the next run
-    removes it), so ``output`` is never a half-written folder.
-    """
-    output = output.resolve()
-    check_output(output, overwrite, flag)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        mark_output(tmp, flag.partition(".")[0])
-        for f in tmp.rglob("*"):  # contents on disk before the rename makes them visible
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        if output.exists():
-            os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _remove_stale(output: Path) -> None:
-    """Staging folders of killed runs (their process is gone)."""
-    for path in output.parent.glob(f".{output.name}.tmp-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ---------------------------------------------------------------- lrft export
 
 
@@ -373,41 +198,10 @@ class ExportJob:
     export: ExportOptions = field(default_factory=ExportOptions)
 
 
-def compose_job(argv: list[str], name: str, schema: type) -> Any:
-    """Compose ``configs/<name>.yaml`` with ``key=value`` overrides, then type it with ``schema``.
-
-    The YAML needs no registered schema (any tool can compose it); unknown keys still fail in
-    Hydra's struct mode, with did-you-mean, and wrong types fail here.
-    """
-    from omegaconf.errors import OmegaConfBaseException
-
-    from lrft.config import compose
-
-    cfg = compose(argv, name)
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise UserError(f"Invalid value for {key}: {str(err).splitlines()[0]}") from None
-    for key in ("checkpoint", "output"):
-        if OmegaConf.is_missing(typed, key):
-            raise UserError(f"lrft {name} needs {key}=PATH: lrft {name} checkpoint=RUN_DIR output=OUT_DIR")
-    return OmegaConf.to_object(typed)
-
-
-def print_help(name: str, schema: type | None = None) -> None:
-    """``lrft merge|export --help``: every key of the command's schema, its default and meaning."""
-    from lrft.help import print_command_help
-
-    schema = schema or ExportJob
-    usage = f"lrft {name} checkpoint=RUN_DIR output=DIR [key=value ...]"
-    print_command_help(name, schema, usage)
-
-
 def export_main(argv: list[str]) -> int:
     """``lrft export``: Hydra-style ``key=value`` arguments; prints errors and returns 2 on bad input."""
     if any(a in ("-h", "--help") for a in argv):
-        print_help("export")
+        print_help("export", ExportJob)
         return 0
     try:
         from lrft.checkpoint import load_run

@@ -221,7 +221,7 @@ def load_generator(cfg: GenerateConfig) -> Generator:
 
 def _from_run(cfg: GenerateConfig) -> tuple[nn.Module, Any, str, str | None]:
     from lrft.checkpoint import load_run
-    from lrft.export import resolve_run
+    from lrft.jobs import resolve_run
 
     if not Path(cfg.checkpoint).expanduser().is_dir():
         raise UserError(f"checkpoint={cfg.checkpoint}: folder not found.")

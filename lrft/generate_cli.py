@@ -93,7 +93,7 @@ def _main(argv: list[str], chat: bool) -> int:
         else:
             run_generate(cfg)
     except UserError as err:
-        from lrft.export import say
+        from lrft.jobs import say
 
         say(f"[bold red]error:[/] {err}")
         return EXIT_USAGE

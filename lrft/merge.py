@@ -25,11 +25,11 @@ from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from lrft.errors import EXIT_USAGE, UserError, did_you_mean
-from lrft.export import (
+from lrft.export import find_adapted
+from lrft.jobs import (
     check_free_space,
     check_plain_keys,
     compose_job,
-    find_adapted,
     print_help,
     refuse_overlap,
     resolve_run,

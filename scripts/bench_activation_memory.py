@@ -2,7 +2,7 @@
 
 A LLaMA-architecture model (hidden 512, 4 layers, intermediate 1376, 8 heads, float32) with
 adapters on all seven projections (q, k, v, o, gate, up, down), r=8, dropout 0.05, one training
-forward of batch 2 x 256 tokens. :class:`lrft.memory.SavedTensors` records every tensor autograd
+forward of batch 2 x 256 tokens. :class:`lrft.memory.measure.SavedTensors` records every tensor autograd
 saves (each storage once, parameters excluded). Rows:
 
 - floor: every weight frozen, gradients flowing from the input embeddings: what the frozen model
@@ -69,7 +69,7 @@ def fused_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, in
 
 
 def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    from lrft.memory import saved_activation_bytes
+    from lrft.memory.measure import saved_activation_bytes
 
     model.train()
     return saved_activation_bytes(model, lambda: model(**batch).loss)
@@ -87,8 +87,8 @@ def run(
     """(row, measured bytes, planned bytes or None) for every row."""
     import peft
 
-    from lrft.memory_cli import compose_memory
-    from lrft.memory_plan import Planner
+    from lrft.memory.cli import compose_memory
+    from lrft.memory.plan import Planner
     from lrft.methods.base import ApplyContext
     from lrft.methods.registry import METHODS, get_method
     from lrft.models import load_model

@@ -8,7 +8,7 @@ written as ``failed: reason`` and the next one runs; ``--budget-s`` skips what i
    tokens/s of lrft lora, lrft lora_fa and lrft QLoRA-FA (nf4 base) against PEFT LoRA and PEFT LoRA
    with A frozen; same shapes, batch, rank, targets, AdamW, one loss (lrft's token-weighted
    :func:`lrft.train.step.forward_backward` for every row), warm-up steps, then timed steps;
-2. ``lrft memory``'s prediction (:class:`lrft.memory_plan.Planner`, the same composed config) beside
+2. ``lrft memory``'s prediction (:class:`lrft.memory.plan.Planner`, the same composed config) beside
    the measured peak;
 3. data-aware inits on the device: PiSSA with randomized SVD, LoRA-GA's gradient estimate + SVD;
 4. an fp16 run through ``lrft.train.train`` (GradScaler): overflow steps and the final loss scale.
@@ -158,8 +158,8 @@ def quantize_nf4(model: torch.nn.Module, device: torch.device) -> torch.nn.Modul
 
 def predicted_gib(overrides: list[str]) -> float:
     """``lrft memory``'s total for this config (weights + optimizer + step peak), no checkpointing."""
-    from lrft.memory_cli import compose_memory
-    from lrft.memory_plan import Planner
+    from lrft.memory.cli import compose_memory
+    from lrft.memory.plan import Planner
 
     return Planner(compose_memory(overrides)).plan().total(False) / GIB
 

@@ -23,13 +23,14 @@ def test_help_and_config_errors_do_not_import_torch():
     code = (
         "import sys\n"
         "from lrft.cli import main\n"
-        "codes = [main(['--help']), main(['train', '--help']), main(['train', 'method=lora_faa']),\n"
+        "codes = [main(['--help']), main(['train', '--help']), main(['memory', '--help']),\n"
+        "         main(['train', 'method=lora_faa']),\n"
         "         main(['train', 'trainer.max_step=3']), main(['train', 'dataset=glue/sst2'])]\n"
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules]\n"
         "print('CODES', codes, 'HEAVY', heavy)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "CODES [0, 0, 2, 2, 2] HEAVY []" in proc.stdout, proc.stdout[-800:] + proc.stderr[-2000:]
+    assert "CODES [0, 0, 0, 2, 2, 2] HEAVY []" in proc.stdout, proc.stdout[-800:] + proc.stderr[-2000:]
     assert "Did you mean: lora_fa" in proc.stderr and "Did you mean: max_steps" in proc.stderr
     assert "Combinations that work" in proc.stderr  # the full composition ran, still without torch
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrft.memory import saved_activation_bytes
+from lrft.memory.measure import saved_activation_bytes
 from lrft.methods.layers import LowRankLinear, _dropout_mask, _keep, _new_seed
 
 N, K, D, R = 24, 64, 48, 4  # tokens, in, out, rank

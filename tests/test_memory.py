@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lrft.errors import UserError
-from lrft.memory import LiveBytes, SavedTensors, activation_profile
-from lrft.memory_cli import compose_memory, memory_main
-from lrft.memory_meta import meta_forward
-from lrft.memory_plan import Planner, optimizer_state_bytes
+from lrft.memory.cli import compose_memory, memory_main
+from lrft.memory.measure import LiveBytes, SavedTensors, activation_profile
+from lrft.memory.meta import meta_forward
+from lrft.memory.plan import Planner, optimizer_state_bytes
 from lrft.methods.base import ApplyContext
 from lrft.methods.registry import get_method
 from lrft.models import load_model

@@ -321,7 +321,7 @@ def test_a_killed_merge_leaves_no_output(lora_run, tmp_path):
             proc.kill()
     assert "wrote shard" in line
     assert not out.exists()
-    staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    staging = [p for p in tmp_path.iterdir() if p.name == f".tmp-out-{proc.pid}"]  # lrft.atomic's name
     assert staging and any(staging[0].glob("*.safetensors"))  # the half-written shards stayed hidden
     assert merge_main([f"checkpoint={lora_run}", f"output={out}", "merge.verify=false"]) == 0
     assert out.is_dir() and not staging[0].exists()  # the next merge cleans up after the killed one

@@ -8,7 +8,8 @@ batched ``datasets.map`` (``dataset.num_proc`` processes) that calls
 :func:`~lrft.data.encode.encode_rows` on each batch, so every dataset kind encodes exactly as the
 list pipeline does. The result is kept under the cache folder, keyed by a fingerprint of the data's
 content, the dataset settings, the tokenizer and the lrft version: later launches memory-map it in
-about a second and hold no python lists.
+about a second and hold no python lists. Where rows come from is :mod:`lrft.data.source`'s, the
+cache key :mod:`lrft.data.fingerprint`'s.
 
 Local files are not parsed by ``datasets``' own JSON/CSV builders on purpose: pyarrow and pandas
 infer column types (a label column holding 1 and "equivalent" fails, a numeric-looking sentence
@@ -18,11 +19,9 @@ becomes a float) and drop blank lines, so a bad row could no longer be named by 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,15 +29,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lrft.data.encode import encode_rows
-from lrft.data.files import iter_rows
-from lrft.data.glue import get_task
-from lrft.data.load import SPLITS, _check, holding_out, holdout
+from lrft.data.fingerprint import FORMAT, fingerprint
+from lrft.data.load import SPLITS
+from lrft.data.source import BATCH, RowSource
 from lrft.errors import UserError
-
-FORMAT = 1  # bump when the cached layout or the encoding changes in a way the key does not see
-BATCH = 1000  # rows per encode_rows call and per Arrow record batch
-# dataset keys that do not change the tokenized examples of one source (or are keyed separately)
-_NOT_IN_KEY = ("name", "cache_dir", "num_proc", "streaming", "mix", "data_files")
 
 
 class Examples(Sequence):
@@ -123,7 +117,7 @@ def _plain(dcfg: Any) -> DictConfig:
 def _cached(
     dcfg: DictConfig, split: str, task: str, tokenizer: Any, root: Path, accelerator: Any
 ) -> Examples:
-    source = _Source(dcfg, split)
+    source = RowSource(dcfg, split)
     gate = accelerator.local_main_process_first() if accelerator is not None else contextlib.nullcontext()
     with gate:  # the main process hashes the file first: the others then find its hash by stat
         folder = root / fingerprint(dcfg, split, task, tokenizer, source.identity(root))
@@ -149,7 +143,7 @@ def _load(folder: Path) -> Any:
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def _build(source: _Source, dcfg: DictConfig, task: str, tokenizer: Any, folder: Path) -> None:
+def _build(source: RowSource, dcfg: DictConfig, task: str, tokenizer: Any, folder: Path) -> None:
     """Validated rows -> rows.arrow -> batched map -> examples shards; published by one rename."""
     from datasets import Dataset, Features, Value
     from datasets.arrow_writer import ArrowWriter
@@ -226,154 +220,6 @@ def _features(example: dict[str, Any]) -> Any:
     return Features({key: kind(value) for key, value in example.items()})
 
 
-class _Source:
-    """Where one split's rows come from (a local file or a hub split) and its identity."""
-
-    def __init__(self, dcfg: DictConfig, split: str) -> None:
-        self.dcfg, self.split = dcfg, split
-        self.spec = get_task(dcfg.subset) if dcfg.kind == "glue" else None
-        self.local = dcfg.data_files.train if split == "train" else dcfg.data_files.validation
-        if split == "eval" and not self.local and dcfg.data_files.train:
-            self.local = dcfg.data_files.train  # eval rows held out of the train file (load.holdout)
-        self.limit = dcfg.max_train_samples if split == "train" else dcfg.max_eval_samples
-        if self.local:
-            self.name = str(self.local)
-        else:
-            self.hub_split = _hub_split(dcfg, split, self.spec)
-            subset = f" ({dcfg.subset})" if dcfg.subset else ""
-            self.name = f"{dcfg.path}{subset} split '{self.hub_split}'"
-
-    def identity(self, root: Path) -> str:
-        """The content's fingerprint: the file's hash, or the hub set's own datasets fingerprint."""
-        if self.local:
-            path = Path(self.local).expanduser()
-            if not path.is_file():
-                list(iter_rows(path))  # raises the reader's own "not found" / "unsupported" error
-            return file_hash(path, root)
-        return str(getattr(self._hub(streaming=False), "_fingerprint", self.name))
-
-    def records(self, streaming: bool = False) -> Iterator[tuple[int, Any]]:
-        rows = iter_rows(self.local) if self.local else _hub_records(self._hub(streaming), self.name)
-        if self.local and holding_out(self.dcfg):  # only a train file: the same rows as load_rows
-            everything = list(rows)
-            for number, record in everything:  # a bad row is named wherever the holdout puts it
-                _check(number, record, self.name, self.spec, self.dcfg.kind)
-            rows = iter(holdout(everything, self.dcfg, self.split, self.name))
-        for count, item in enumerate(rows):
-            if self.limit is not None and 0 <= self.limit <= count:
-                return
-            yield item
-
-    def validated(self, streaming: bool = False) -> Iterator[dict[str, Any]]:
-        for number, record in self.records(streaming):
-            yield _check(number, record, self.name, self.spec, self.dcfg.kind)
-
-    def _hub(self, streaming: bool) -> Any:
-        if not self.dcfg.path:
-            which = "train" if self.split == "train" else "validation"
-            raise UserError(
-                f"dataset '{self.dcfg.name}' has neither dataset.path (a hub id) "
-                f"nor dataset.data_files.{which}."
-            )
-        if getattr(self, "_loaded", None) is not None and not streaming:
-            return self._loaded
-        import datasets
-
-        from lrft.hub import require_hub  # offline: one message now, not a minute of retries
-
-        require_hub(self.dcfg.path, "dataset.path", repo_type="dataset")
-        try:
-            ds = datasets.load_dataset(
-                self.dcfg.path, self.dcfg.subset, split=self.hub_split, streaming=streaming
-            )
-        except Exception as err:  # network, unknown id/split: all user-fixable, so no traceback
-            raise UserError(
-                f"Cannot load {self.name} from the hub: {err}\n"
-                "Offline? Set dataset.data_files.train / dataset.data_files.validation to local files."
-            ) from None
-        if not streaming:
-            self._loaded = ds
-        return ds
-
-
-def _hub_split(dcfg: DictConfig, split: str, spec: Any) -> str:
-    hub_split = dcfg.train_split if split == "train" else dcfg.eval_split
-    if spec is not None and split == "eval" and hub_split == "validation":
-        hub_split = spec.hub_eval_split  # MNLI has no plain "validation" split
-    return hub_split
-
-
-def _hub_records(ds: Any, name: str) -> Iterator[tuple[int, Any]]:
-    number = 0
-    for batch in ds.iter(batch_size=BATCH):
-        for values in zip(*batch.values(), strict=True):
-            number += 1
-            yield number, dict(zip(batch, values, strict=True))
-    if not number:
-        raise UserError(f"{name}: the split is empty (no rows).")
-
-
-# --- fingerprints -----------------------------------------------------------------------------------
-
-
-def fingerprint(dcfg: DictConfig, split: str, task: str, tokenizer: Any, content: str) -> str:
-    """The cache key: data content, the settings that shape examples, tokenizer, task, versions."""
-    from lrft import __version__
-
-    settings = {k: v for k, v in OmegaConf.to_container(dcfg).items() if k not in _NOT_IN_KEY}
-    settings.pop("max_eval_samples" if split == "train" else "max_train_samples", None)
-    parts = [FORMAT, __version__, split, task, settings, content, tokenizer_fingerprint(tokenizer)]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """The tokenizer's identity: its class, name, full serialised pipeline (vocabulary, merges,
-    normaliser, templates) or vocabulary, special tokens and chat template."""
-    h = hashlib.sha256()
-    h.update(type(tokenizer).__name__.encode())
-    h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    specials = {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}
-    h.update(json.dumps(specials, sort_keys=True).encode())
-    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
-    h.update(str(getattr(tokenizer, "truncation_side", "")).encode())
-    return h.hexdigest()
-
-
-def file_hash(path: Path, root: Path) -> str:
-    """A data file's content hash, remembered by (size, mtime) in ``root/files.json`` so a warm
-    launch does not reread a large file. A file changed in the last 2 s is always rehashed: a
-    rewrite within one timestamp tick would otherwise keep its old stat."""
-    import xxhash
-
-    path = path.resolve()
-    stat = path.stat()
-    index_file = root / "files.json"
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError):
-        index = {}
-    known = index.get(str(path))
-    if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
-        return known[2]
-    h = xxhash.xxh3_128()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if time.time() - stat.st_mtime > 2:
-        index[str(path)] = [stat.st_size, stat.st_mtime_ns, digest]
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = index_file.with_name(f"files.json.{os.getpid()}")
-        tmp.write_text(json.dumps(index))
-        tmp.replace(index_file)
-    return digest
-
-
 # --- streaming and mixtures ----------------------------------------------------------------------
 
 
@@ -382,7 +228,7 @@ def _streamed(dcfg: DictConfig, task: str, tokenizer: Any) -> Any:
     seen: ``dataset.skip(n)`` (see docs/data.md)."""
     from datasets import IterableDataset
 
-    source = _Source(dcfg, "train")
+    source = RowSource(dcfg, "train")
     first = next(source.validated(streaming=True))  # fail now on a missing source or a bad first row
     encode_rows([first], dcfg, task, tokenizer)
     kwargs = {"dcfg": dcfg, "task": task, "tokenizer": tokenizer}
@@ -391,7 +237,7 @@ def _streamed(dcfg: DictConfig, task: str, tokenizer: Any) -> Any:
 
 def _stream_examples(dcfg: DictConfig, task: str, tokenizer: Any) -> Iterator[dict[str, Any]]:
     pending: list[dict[str, Any]] = []
-    for row in _Source(dcfg, "train").validated(streaming=True):
+    for row in RowSource(dcfg, "train").validated(streaming=True):
         pending.append(row)
         if len(pending) >= BATCH:
             yield from encode_rows(pending, dcfg, task, tokenizer)

@@ -1,12 +1,12 @@
 """Plan a run's memory without its weights: the model is built on the META device from its config.
 
 The real model class, the real method (``apply`` injects the layers a run gets) and a real
-forward and backward pass run on meta (:mod:`lrft.memory_meta`) at no cost for any size; what they
+forward and backward pass run on meta (:mod:`lrft.memory.meta`) at no cost for any size; what they
 would allocate is counted exactly, not estimated from formulas:
 
-- activations: :func:`lrft.memory.activation_profile` records every tensor autograd keeps, by
+- activations: :func:`lrft.memory.measure.activation_profile` records every tensor autograd keeps, by
   storage and by layer, as the CPU measurement does (tests check that both agree);
-- the step's peak: :class:`lrft.memory.LiveBytes` follows every tensor a forward and backward
+- the step's peak: :class:`lrft.memory.measure.LiveBytes` follows every tensor a forward and backward
   allocate until it is freed (activations, gradients, transients), with and without gradient
   checkpointing (tests check it against the same count on CPU);
 - weights, gradients: the parameters of the adapted model, by dtype and ``requires_grad``;
@@ -32,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrft.errors import UserError
-from lrft.memory import ActivationProfile, LiveBytes, activation_profile
-from lrft.memory_meta import GLUE_TARGET_TOKENS, build_meta_model, meta_forward, resolve_config
+from lrft.memory.measure import ActivationProfile, LiveBytes, activation_profile
+from lrft.memory.meta import GLUE_TARGET_TOKENS, build_meta_model, meta_forward, resolve_config
 
 
 def quantized_bytes(scheme: str, weight: torch.Tensor, double_quant: bool) -> int:
@@ -237,7 +237,7 @@ class Planner:
             )
 
     def step_peak(self, batch_size: int, checkpointing: bool) -> int:
-        """Peak bytes of one forward + backward on meta (see :class:`lrft.memory.LiveBytes`)."""
+        """Peak bytes of one forward + backward on meta (see :class:`lrft.memory.measure.LiveBytes`)."""
         model, batch = self.model, self._batch(batch_size)
 
         def keep(x: torch.Tensor, out: torch.Tensor) -> None:

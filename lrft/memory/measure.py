@@ -6,7 +6,7 @@ why memory claims in lrft's docs come from this, not from allocator peaks.
 
 The same count works on the META device, where tensors have shapes and dtypes but no data: a
 forward pass there records what a real one would keep, for any model size, without allocating it.
-That is how ``lrft memory`` plans (see :mod:`lrft.memory_plan`); :func:`activation_profile` adds
+That is how ``lrft memory`` plans (see :mod:`lrft.memory.plan`); :func:`activation_profile` adds
 the per-layer split that gradient checkpointing needs.
 """
 

@@ -1,7 +1,7 @@
 """Build a model on PyTorch's META device from its config, apply a method, run steps there.
 
 Meta tensors have shapes and dtypes but no storage: the real model class, the real method and a
-real forward and backward pass run at no cost for any model size, and :mod:`lrft.memory` counts
+real forward and backward pass run at no cost for any model size, and :mod:`lrft.memory.measure` counts
 what they would allocate. A few things need values meta tensors lack; :func:`meta_forward` stands
 in for them, each only for meta tensors and only while it is active.
 """

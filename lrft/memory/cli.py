@@ -1,4 +1,4 @@
-"""``lrft memory``: print a run's planned memory (see :mod:`lrft.memory_plan`) as a table.
+"""``lrft memory``: print a run's planned memory (see :mod:`lrft.memory.plan`) as a table.
 
 Takes ``lrft train``'s groups and keys (configs/memory.yaml composes them) plus a ``memory:``
 section. Any override may list values (``method=lora,lora_fa,full``): each combination becomes a
@@ -181,12 +181,12 @@ FOOTER = (
 
 def memory_main(argv: list[str]) -> int:
     """Entry point of ``lrft memory`` (key=value overrides, Hydra syntax)."""
-    from lrft.memory_plan import Planner
-
     out = Console(width=None if Console().is_terminal else 200)
     if any(a in ("-h", "--help", "help") for a in argv):
         out.print(USAGE, markup=False, highlight=False)
         return 0
+    from lrft.memory.plan import Planner  # torch: after --help, which must stay fast
+
     flags = [a for a in argv if a.startswith("-")]
     if flags:
         raise UserError(f"lrft memory takes key=value overrides only, not {flags[0]}.")
