@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import warnings
@@ -25,6 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lrft import faults
+from lrft.atomic import StagedDir
 from lrft.checkpoint import COMPLETE, TRAINABLE, load_state, method_config, save_state
 from lrft.errors import UserError
 
@@ -115,7 +115,9 @@ def save_checkpoint(
     global rank 0 by default; on node-local disks each node's local rank 0 (:mod:`lrft.topology`).
     """
     final = run_dir / "checkpoints" / f"step-{pos.step:08d}"
-    tmp = final.with_name(f".tmp-{final.name}")
+    # one staging name every rank computes: each writes its own files into it before the commit
+    stage = StagedDir(final, shared=True, mark_text=_manifest)  # the mark: sha256 of every file
+    tmp = stage.path
     trainable = gather_trainable(accelerator, model, method)
     writer = accelerator.is_main_process if writer is None else writer
     per_rank = optimizer_per_rank(accelerator, model)
@@ -134,8 +136,7 @@ def save_checkpoint(
                 f"{need / 2**20:.0f} MiB needed, {have / 2**20:.0f} MiB free. Nothing was written; the "
                 "previous checkpoints are intact. Free space, or set trainer.save_every=0."
             )
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while saving
-        tmp.mkdir(parents=True)
+        stage.open()  # removes what a process killed while saving left
     accelerator.wait_for_everyone()
     torch.save(rng, tmp / f"rng_rank{accelerator.process_index}.pt")
     if per_rank:
@@ -158,20 +159,17 @@ def save_checkpoint(
     }
     (tmp / STATE).write_text(json.dumps(meta, indent=2))
     _verify_shapes(tmp / TRAINABLE, trainable)
-    manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-    for f in tmp.iterdir():  # contents on disk before the rename makes them visible
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    (final / COMPLETE).write_text(json.dumps(manifest, indent=1))  # the mark comes last
+    stage.commit()  # flushed, renamed into place, the manifest mark written last
     keep = cfg.trainer.keep_checkpoints
     done = complete_checkpoints(run_dir)
     for old in done[: max(0, len(done) - keep)]:
         shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _manifest(folder: Path) -> str:
+    return json.dumps({f.name: _sha256(f) for f in sorted(folder.iterdir())}, indent=1)
 
 
 def optim_rank_file(rank: int) -> str:
