@@ -7,9 +7,9 @@ nearly full. Three things keep a packed row equivalent to its examples run one b
 - attention never crosses examples: :class:`PackedCollator` passes ``position_ids`` and NO
   ``attention_mask``, which is how transformers (``masking_utils.find_packed_sequence_indices``)
   detects packed sequences: sdpa/eager get a block-diagonal causal mask, flash_attention_2 takes
-  its varlen path. That detection is transformers' own and version-dependent (4.5x skips it on
-  torch < 2.6; it is data-dependent control flow, which compilers dislike), so a compiled model
-  gets the block-diagonal mask built here instead (``PackedCollator(mask=...)``, see
+  its varlen path. That detection is transformers' own and version-dependent (a 4.5x release
+  skips it on torch < 2.6; it is data-dependent control flow, which compilers dislike), so a
+  compiled model gets the block-diagonal mask built here instead (``PackedCollator(mask=...)``, see
   :func:`block_causal_mask`): a 4D ``attention_mask`` is taken as-is by every attention
   implementation that uses ``masking_utils``;
 - no prediction crosses examples: causal LMs shift labels inside the model (the logit at t is
