@@ -302,13 +302,6 @@ def validate(cfg: DictConfig) -> None:
             "model: an encoder or encoder-decoder attends across a whole row, so packed examples would "
             "see each other. Set dataset.packing=false (trainer.group_by_length=true also cuts padding)."
         )
-    if d.get("packing") and t.get("compile"):
-        raise UserError(
-            "dataset.packing=true with trainer.compile=true: transformers does not detect packed rows "
-            "(position ids restarting per example) inside torch.compile, so attention would cross "
-            "examples (measured: adapters 0.1 off). Use one: packing (the larger gain on CPU here) or "
-            "compile with trainer.group_by_length=true."
-        )
     for key in ("batch_size", "grad_accum"):
         if t[key] < 1:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")

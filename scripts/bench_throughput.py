@@ -7,7 +7,7 @@ AdamW, gradient clipping at 1.0. Systems:
 - ``lrft plain``: random batches padded to their longest row (the loop's EpochSampler + Collator);
 - ``lrft grouped``: :class:`lrft.data.sampling.LengthGroupedSampler` batches;
 - ``lrft packed``: :func:`lrft.data.packing.pack_examples` rows through ``PackedCollator``;
-- ``lrft compiled``: packed rows (padded to max_length, one shape) through ``torch.compile``;
+- ``lrft compiled``: packed rows (padded to max_length, one shape, block mask) through ``torch.compile``;
 - ``PEFT+Trainer``: ``peft.get_peft_model`` + ``transformers.Trainer``, dynamic padding;
 - ``TRL packed``: ``trl.SFTTrainer`` with ``packing=True`` (best-fit decreasing, padding-free).
 
@@ -91,9 +91,11 @@ def lrft_system(kind: str, data: list[dict], batch: int, max_length: int, dropou
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     if kind in ("packed", "compiled"):
-        # compiled: rows padded to max_length, one shape, no recompiles
+        # compiled: rows padded to max_length (one shape, no recompiles) with the explicit block
+        # mask, as the loop does (sdpa: a boolean keep-mask)
         rows = pack_examples(data, max_length)
-        collate = PackedCollator(0, pad_to=max_length if kind == "compiled" else None)
+        pad_to, mask = (max_length, "bool") if kind == "compiled" else (None, None)
+        collate = PackedCollator(0, pad_to=pad_to, mask=mask)
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
         batches = [[rows[i] for i in order[j : j + batch]] for j in range(0, len(order) - batch + 1, batch)]
     else:

@@ -7,7 +7,11 @@ nearly full. Three things keep a packed row equivalent to its examples run one b
 - attention never crosses examples: :class:`PackedCollator` passes ``position_ids`` and NO
   ``attention_mask``, which is how transformers (``masking_utils.find_packed_sequence_indices``)
   detects packed sequences: sdpa/eager get a block-diagonal causal mask, flash_attention_2 takes
-  its varlen path;
+  its varlen path. That detection is transformers' own and version-dependent (a 4.5x release
+  skips it on torch < 2.6; it is data-dependent control flow, which compilers dislike), so a
+  compiled model gets the block-diagonal mask built here instead (``PackedCollator(mask=...)``, see
+  :func:`block_causal_mask`): a 4D ``attention_mask`` is taken as-is by every attention
+  implementation that uses ``masking_utils``;
 - no prediction crosses examples: causal LMs shift labels inside the model (the logit at t is
   scored against ``labels[t + 1]``), so the logit of an example's last token would be scored on
   the next example's first token. That first label is set to -100. Unpacked, the first label of
@@ -77,18 +81,52 @@ def _concat(examples: list[dict[str, Any]], max_length: int) -> dict[str, list[i
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-class PackedCollator:
-    """Batches packed rows: right-padded ``input_ids``/``labels``/``position_ids``, no attention_mask.
+#: the 4D mask convention of each attention implementation (transformers' ``sdpa_mask`` and
+#: ``eager_mask``): sdpa takes a boolean keep-mask; eager *adds* the mask to the scores, so it needs
+#: 0 / -inf floats (a boolean mask would add 1 and mask nothing). Others (flash_attention_2, flex)
+#: have their own packed path from position_ids and get no mask.
+MASK_STYLES = {"sdpa": "bool", "eager": "additive"}
 
-    Padding gets positions 0, 1, ... of its own, so transformers sees it as one more packed
-    sequence: real tokens come first and attend only within their example (causal), pad tokens
-    only among themselves, and their labels are -100. ``pad_to`` pads every batch to that width
-    (one shape for ``torch.compile``, no recompiles).
+
+def block_causal_mask(position_ids: torch.Tensor, style: str = "bool") -> torch.Tensor:
+    """(batch, 1, len, len) causal mask that never crosses the examples of packed rows.
+
+    An example starts wherever the position does not follow the previous one (+1), the rule of
+    transformers' ``find_packed_sequence_indices``; token q attends to k iff k <= q and both lie in
+    the same example. ``style="bool"``: True = attend (sdpa); ``"additive"``: float32 0 / finfo.min
+    (eager adds it to the scores; float32 promotes bf16/fp16 scores, softmax runs in float32 anyway).
+    """
+    if style not in ("bool", "additive"):
+        raise ValueError(f"mask style must be 'bool' or 'additive', got {style!r}")
+    first = position_ids[:, :1] - 1
+    example = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # (batch, len)
+    n = position_ids.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=position_ids.device).tril()
+    keep = (example[:, :, None] == example[:, None, :]) & causal  # (batch, q, k)
+    keep = keep[:, None]
+    if style == "bool":
+        return keep
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(keep, zero, torch.finfo(torch.float32).min)
+
+
+class PackedCollator:
+    """Batches packed rows: right-padded ``input_ids``/``labels``/``position_ids``.
+
+    Padding gets positions 0, 1, ... of its own, so it is one more packed sequence: real tokens
+    come first and attend only within their example (causal), pad tokens only among themselves,
+    and their labels are -100. ``pad_to`` pads every batch to that width (one shape for
+    ``torch.compile``, no recompiles). ``mask=None`` (default): no ``attention_mask``, transformers
+    finds the examples from position_ids; ``mask="bool"``/``"additive"`` (:data:`MASK_STYLES`):
+    an explicit 4D :func:`block_causal_mask`, for compiled models.
     """
 
-    def __init__(self, pad_id: int, pad_to: int | None = None) -> None:
+    def __init__(self, pad_id: int, pad_to: int | None = None, mask: str | None = None) -> None:
+        if mask not in (None, "bool", "additive"):
+            raise ValueError(f"mask must be None, 'bool' or 'additive', got {mask!r}")
         self.pad_id = int(pad_id)
         self.pad_to = pad_to
+        self.mask = mask
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -103,7 +141,10 @@ class PackedCollator:
             labels[i, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
             positions[i, :n] = torch.as_tensor(r["position_ids"], dtype=torch.long)
             positions[i, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+        batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+        if self.mask is not None:
+            batch["attention_mask"] = block_causal_mask(positions, self.mask)
+        return batch
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,17 +170,18 @@ def batch_token_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(real tokens, padded positions) of a batch as 0-d tensors on its device, with no host sync.
 
-    A padded batch: real tokens are ``attention_mask``'s ones. A packed batch (no attention_mask,
-    :class:`PackedCollator`): each row's padding is its trailing run of ``pad_id`` tokens (default:
-    the row's last token) whose labels are -100; a real example ends with a labelled token (its
-    response or EOS), so the run stops there even when EOS is the pad id. Padded = numel − real:
-    the padding share is padded / (real + padded), real tokens/s is real / step time.
+    A padded batch: real tokens are ``attention_mask``'s ones. A packed batch (no attention_mask
+    or a 4D block mask, :class:`PackedCollator`): each row's padding is its trailing run of
+    ``pad_id`` tokens (default: the row's last token) whose labels are -100; a real example ends
+    with a labelled token (its response or EOS), so the run stops there even when EOS is the pad
+    id. Padded = numel − real: the padding share is padded / (real + padded), real tokens/s is
+    real / step time.
     """
     ids = batch["input_ids"]
     numel = torch.tensor(ids.numel(), device=ids.device)
     mask = batch.get("attention_mask")
     labels = batch.get("labels")
-    if mask is not None:
+    if mask is not None and mask.dim() == 2:  # a 4D mask is packing's block mask, not padding
         real = mask.sum()
     elif labels is not None and labels.shape == ids.shape:
         pad = ids[:, -1:] if pad_id is None else torch.tensor(pad_id, device=ids.device)

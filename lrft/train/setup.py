@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrft.data import Collator, num_labels
-from lrft.data.packing import PackedCollator, pack_examples
+from lrft.data.packing import MASK_STYLES, PackedCollator, pack_examples
 from lrft.data.pipeline import prepare_split
 from lrft.data.sampling import LengthGroupedSampler
 from lrft.errors import UserError
@@ -178,9 +178,13 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     rows, batch_collate = train_ex, collate
     if cfg.dataset.packing:  # whole examples concatenated into rows of max_length (lrft.data.packing)
         rows = pack_examples(train_ex, int(cfg.dataset.max_length))
-        # compiled: one shape for every batch, so nothing recompiles
+        # compiled: one shape for every batch (nothing recompiles) and an explicit block mask, not
+        # transformers' version-dependent detection of packed rows
+        attn = getattr(model.config, "_attn_implementation", None)
         batch_collate = PackedCollator(
-            collate.pad_id, pad_to=int(cfg.dataset.max_length) if t.compile else None
+            collate.pad_id,
+            pad_to=int(cfg.dataset.max_length) if t.compile else None,
+            mask=MASK_STYLES.get(attn) if t.compile else None,
         )
     if t.compile:
         # in place, after the method (its layers compile with the rest): the module, its parameter
