@@ -15,9 +15,15 @@ PACKED = ["dataset.packing=true", "dataset.max_length=48", "trainer.batch_size=2
 GROUPED = ["trainer.group_by_length=true"]
 
 
+# length-grouped batches resume through the same sampler protocol (use_epoch + skipping consumed
+# batches): tests/test_sampling.py::test_resume_skips_consumed_batches_exactly, and the loop's
+# Ctrl-C path: tests/test_resume.py. Kept here as a row, run on demand: pytest -m slow_resume.
 @pytest.mark.parametrize(
     ("extra", "fault", "resumes_from"),
-    [(PACKED, "kill_at_step:7", "step-00000006"), (GROUPED, "interrupt_at_step:4", "step-00000004")],
+    [
+        (PACKED, "kill_at_step:7", "step-00000006"),
+        pytest.param(GROUPED, "interrupt_at_step:4", "step-00000004", marks=pytest.mark.slow_resume),
+    ],
     ids=["packed-sigkill", "grouped-ctrl-c"],
 )
 def test_stopped_then_resumed_is_bit_identical(tmp_path: Path, extra, fault, resumes_from):
