@@ -1,11 +1,11 @@
-"""Real multi-process training on CPU (gloo, 2 processes via torchrun), in the normal suite."""
+"""The shipped accelerate launch configs. Multi-process training itself is tested in
+test_loop_invariants.py, test_multinode.py and test_fsdp2.py (gloo, 2 processes via torchrun)."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from launch import torchrun
 from safetensors.torch import load_file
 
 # Same-length examples (3-letter words) so every rank's mean loss covers as many tokens as the
@@ -45,11 +45,8 @@ def state(run_dir: Path) -> dict[str, torch.Tensor]:
 # multi-process run: tests/test_multinode.py (DDP) and tests/test_fsdp2.py (per-rank optimizer).
 
 
-def test_default_run_folder_is_shared_by_all_ranks(tmp_path):
-    proc = torchrun([*COMMON, *data(tmp_path), "trainer.max_steps=1", "trainer.batch_size=2"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert (run_dir / "final" / "COMPLETE").exists() and (run_dir / ".hydra").is_dir()
+# one run folder for all ranks of a launch with the default (timestamped) output_dir:
+# tests/test_multinode.py::test_two_nodes_on_a_shared_folder_equal_one_process
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
