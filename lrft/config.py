@@ -286,6 +286,11 @@ def validate(cfg: DictConfig) -> None:
     one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
     one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
     one_of("trainer.sharding", t.get("sharding", "none"), ("none", "fsdp2"))
+    one_of(
+        "trainer.compile_backend",
+        t.get("compile_backend", "inductor"),
+        ("inductor", "aot_eager", "cudagraphs"),
+    )
     if d.eval_holdout < 0:
         raise UserError(
             f"dataset.eval_holdout must be >= 0 (a fraction < 1 or a row count), got {d.eval_holdout}."

@@ -144,6 +144,9 @@ class TrainerConfig:
     shared_fs: bool | None = None
     group_by_length: bool = False  # batches of similar lengths (lrft.data.sampling); see dataset.packing
     compile: bool = False  # torch.compile the model (the low-rank layer has no graph breaks)
+    # torch.compile backend: inductor (generates fused kernels); aot_eager traces the same graphs
+    # without generating code (fast to start; for debugging a compile problem)
+    compile_backend: str = "inductor"
     # none: every process holds the whole model (data parallel); fsdp2: the model, its gradients and
     # optimizer state split over the processes (lrft.train.sharding)
     sharding: str = "none"

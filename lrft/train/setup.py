@@ -189,7 +189,7 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     if t.compile:
         # in place, after the method (its layers compile with the rest): the module, its parameter
         # names and so checkpoints stay those of the eager model
-        model.compile()
+        model.compile(backend=t.compile_backend)
     # its own generator: creating an iterator then draws no number from the global RNG (dropout)
     gen = torch.Generator().manual_seed(t.seed)
     if streaming:  # read as it comes: no sampler, resume skips the batches already seen
