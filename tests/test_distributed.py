@@ -1,44 +1,7 @@
 """The shipped accelerate launch configs. Multi-process training itself is tested in
 test_loop_invariants.py, test_multinode.py and test_fsdp2.py (gloo, 2 processes via torchrun)."""
 
-import json
-from pathlib import Path
-
 import pytest
-import torch
-from safetensors.torch import load_file
-
-# Same-length examples (3-letter words) so every rank's mean loss covers as many tokens as the
-# single process's: then 2 x batch 2 averages to exactly what 1 x batch 4 computes.
-COMMON = [
-    "trainer.max_steps=6",
-    "trainer.log_every=1",
-    "trainer.eval_every=0",
-    "trainer.progress=false",
-    "method.dropout=0.0",
-    "optimizer.lr=1e-2",
-    "trainer.cpu=true",
-]
-
-
-def data(tmp: Path) -> list[str]:
-    path = tmp / "inst.jsonl"
-    words = ["cat", "dog", "sun", "map", "owl", "fig", "jar", "kit"]
-    with path.open("w") as fh:
-        for i in range(32):
-            w = words[i % 8]
-            fh.write(json.dumps({"instruction": "Upper case.", "input": w, "output": w.upper()}) + "\n")
-    return [f"dataset.data_files.train={path}", f"dataset.data_files.validation={path}"]
-
-
-def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
-def state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "trainable.safetensors")
-
 
 # 2 processes == 1 process with the same global batch: tests/test_loop_invariants.py (unequal
 # lengths, epoch mode, eval split) and tests/test_fsdp2.py (sharded). Kill and exact resume of a
