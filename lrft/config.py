@@ -291,6 +291,7 @@ def validate(cfg: DictConfig) -> None:
         t.get("compile_backend", "inductor"),
         ("inductor", "aot_eager", "cudagraphs"),
     )
+    one_of("trainer.dropout_kernel", t.get("dropout_kernel", "auto"), ("auto", "eager", "fused"))
     if d.eval_holdout < 0:
         raise UserError(
             f"dataset.eval_holdout must be >= 0 (a fraction < 1 or a row count), got {d.eval_holdout}."

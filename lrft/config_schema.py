@@ -147,6 +147,9 @@ class TrainerConfig:
     # torch.compile backend: inductor (generates fused kernels); aot_eager traces the same graphs
     # without generating code (fast to start; for debugging a compile problem)
     compile_backend: str = "inductor"
+    # the adapters' dropout mask (lrft.methods.dropout): fused compiles it once into one kernel
+    # (seconds at start), eager runs ~15 torch ops, auto = fused on CUDA; the same bits either way
+    dropout_kernel: str = "auto"
     # none: every process holds the whole model (data parallel); fsdp2: the model, its gradients and
     # optimizer state split over the processes (lrft.train.sharding)
     sharding: str = "none"

@@ -5,12 +5,12 @@ dropout 0.05), one batch reused by every model, on CPU. The models take turns st
 order rotates each round), so machine load drifts hit all of them alike; each round gives a
 ratio lrft / PEFT and the median over rounds is reported.
 
-``--mask rand`` swaps, in this process only, the dropout-mask generator of lrft's low-rank layer
-for the one proposed in docs/memory.md (uniform draws compared with p instead of ``bernoulli_``),
-to measure that proposal before it lands; ``--dropout 0`` takes dropout out of the comparison.
+``--dropout-kernel`` picks the kernel of lrft's dropout mask (lrft.methods.dropout: ``eager``
+torch ops, or ``fused``, compiled once into one kernel; the same bits); ``--dropout 0`` takes
+dropout out of the comparison.
 
     python scripts/bench_speed.py
-    python scripts/bench_speed.py --rounds 60 --mask rand
+    python scripts/bench_speed.py --rounds 60 --dropout-kernel fused
     python scripts/bench_speed.py --profile          # where lrft's step spends its time
 """
 
@@ -28,19 +28,9 @@ from omegaconf import OmegaConf
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def rand_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """The proposed mask: keep where U ≥ p (probability 1 − p), scaled by 1/(1 − p).
-
-    ``torch.rand`` plus a compare costs about half of ``bernoulli_`` on CPU (mt19937), and lrft
-    draws each mask twice (forward, and backward regenerates it instead of storing it).
-    """
-    gen = torch.Generator(device=like.device).manual_seed(int(seed))  # the old per-call Generator
-    keep = torch.rand(like.shape, generator=gen, device=like.device).ge_(p)  # float32 draws
-    return keep.to(like.dtype).div_(1.0 - p)
-
-
-def build(kind: str, dropout: float) -> torch.nn.Module:
+def build(kind: str, dropout: float, kernel: str = "eager") -> torch.nn.Module:
     from lrft.config import compose
+    from lrft.methods.layers import use_dropout_kernel
     from lrft.methods.registry import get_method
     from lrft.models import load_model
 
@@ -55,7 +45,9 @@ def build(kind: str, dropout: float) -> torch.nn.Module:
         return peft.get_peft_model(model, config).train()
     method_cfg = OmegaConf.to_object(cfg.method)
     method_cfg.r, method_cfg.alpha, method_cfg.dropout, method_cfg.target_modules = 8, 16, dropout, TARGETS
-    return get_method(kind)(method_cfg).apply(model).train()
+    model = get_method(kind)(method_cfg).apply(model).train()
+    use_dropout_kernel(model, kernel)
+    return model
 
 
 def stepper(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
@@ -81,20 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise)")
     parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--mask", choices=["current", "rand"], default="current")
+    parser.add_argument("--dropout-kernel", choices=["eager", "fused"], default="eager")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for lrft lora")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.mask == "rand":
-        from lrft.methods import layers
-
-        layers._dropout_mask = rand_mask
     torch.manual_seed(0)
     ids = torch.randint(5, 261, (args.batch, args.length))
     batch = {"input_ids": ids, "labels": ids}
     names = ["lrft lora", "lrft lora_fa", "PEFT lora"]
     kinds = ["lora", "lora_fa", "peft"]
-    steps = {n: stepper(build(k, args.dropout), batch) for n, k in zip(names, kinds, strict=True)}
+    models = [build(k, args.dropout, args.dropout_kernel) for k in kinds]
+    steps = {n: stepper(m, batch) for n, m in zip(names, models, strict=True)}
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -105,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             times[n].append(steps[n]())
     peft_t = times["PEFT lora"]
     print(
-        f"one step (fwd+bwd+AdamW), tiny_llama, batch {args.batch} x {args.length}, dropout {args.dropout}, "
-        f"mask={args.mask}, {args.threads} thread(s), {args.rounds} rounds, torch {torch.__version__}"
+        f"one step (fwd+bwd+AdamW), tiny_llama, batch {args.batch} x {args.length}, "
+        f"dropout {args.dropout} ({args.dropout_kernel} kernel), {args.threads} thread(s), "
+        f"{args.rounds} rounds, torch {torch.__version__}"
     )
     print(f"{'':14s} {'median ms':>10s} {'ratio vs PEFT (median of rounds)':>34s}")
     for n in names:

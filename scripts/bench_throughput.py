@@ -206,7 +206,8 @@ def hf_system(kind: str, data: list[dict], batch: int, max_length: int, dropout:
 
 def mask_costs(shape: tuple[int, ...], p: float, repeats: int = 40) -> dict[str, float]:
     """CPU ms to make and apply one dropout mask, per candidate, on an activation of ``shape``."""
-    from lrft.methods.layers import _keep, _new_seed
+    from lrft.methods.dropout import keep_mask as _keep
+    from lrft.methods.dropout import new_seed as _new_seed
 
     x = torch.randn(shape)
 

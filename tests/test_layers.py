@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from lrft.memory.measure import saved_activation_bytes
-from lrft.methods.layers import LowRankLinear, _dropout_mask, _keep, _new_seed
+from lrft.methods.dropout import dropout_mask, keep_mask, new_seed
+from lrft.methods.layers import LowRankLinear
 
 N, K, D, R = 24, 64, 48, 4  # tokens, in, out, rank
 
@@ -32,8 +33,8 @@ def test_gradients_match_plain_autograd(freeze_a, p):
     b = layer.lora_B.detach().clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     torch.manual_seed(7)
-    seed = _new_seed(x2.device)  # the layer's first (and only) draw from the global RNG
-    xd = x2 * _dropout_mask(x2, p, seed) if p > 0 else x2
+    seed = new_seed(x2.device)  # the layer's first (and only) draw from the global RNG
+    xd = x2 * dropout_mask(x2, p, seed) if p > 0 else x2
     y2 = layer.base_layer(x2) + layer.scale * (xd @ a.t()) @ b.t()
     (y2.sin().sum()).backward()
 
@@ -158,10 +159,10 @@ def test_dora_gradients_match_the_formula_with_a_detached_norm(freeze_a):
     m = layer.lora_magnitude.detach().clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     torch.manual_seed(7)
-    seed = _new_seed(x2.device)
+    seed = new_seed(x2.device)
     w, bias = layer.base_layer.weight, layer.base_layer.bias
     norm = (w + layer.scale * b @ a).norm(dim=1).detach()
-    xd = x2 * _dropout_mask(x2, 0.2, seed)
+    xd = x2 * dropout_mask(x2, 0.2, seed)
     y2 = (m / norm) * (x2 @ w.t() + layer.scale * (xd @ a.t()) @ b.t()) + bias
     y2.sin().sum().backward()
     for ours, ref in [(x.grad, x2.grad), (layer.lora_B.grad, b.grad), (layer.lora_magnitude.grad, m.grad)]:
@@ -211,10 +212,10 @@ def test_dropout_mask_rate_and_independence():
     like = torch.empty(1000, 1000)
     s1, s2 = torch.tensor(1, dtype=torch.int32), torch.tensor(2, dtype=torch.int32)
     for p in (0.05, 0.5):
-        keep = _keep(like, p, s1).double()
+        keep = keep_mask(like, p, s1).double()
         assert abs(keep.mean().item() - (1 - p)) < 3e-3
-    k1, k2 = _keep(like, 0.5, s1).double(), _keep(like, 0.5, s2).double()
-    assert torch.equal(_keep(like, 0.5, s1).double(), k1)
+    k1, k2 = keep_mask(like, 0.5, s1).double(), keep_mask(like, 0.5, s2).double()
+    assert torch.equal(keep_mask(like, 0.5, s1).double(), k1)
     assert abs((k1 == k2).double().mean().item() - 0.5) < 3e-3  # two seeds: independent masks
     flat = k1.flatten() - 0.5
     assert abs((flat[1:] * flat[:-1]).mean().item()) < 3e-3  # adjacent elements

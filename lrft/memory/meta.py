@@ -182,21 +182,18 @@ def meta_forward() -> Iterator[None]:
     - attention and dropout keep what CUDA's fused kernels keep (:func:`_fused_attention`,
       :func:`_fused_dropout`), not what meta's (CPU-like) fallbacks would;
     - transformers' data-dependent checks get answers (:class:`_DataChecks`);
-    - :class:`~lrft.methods.layers.LowRankFn` asks autocast for its compute dtype and draws its
-      dropout mask from a seeded ``torch.Generator``; neither exists for meta tensors. Autocast is
-      off for meta (the dtype is the input's) and the mask is an empty tensor of the same shape:
-      it is never saved (backward regenerates it), so the plan is the same;
+    - :class:`~lrft.methods.layers.LowRankFn` asks autocast for its compute dtype, which does not
+      exist for meta tensors: autocast is off for meta (the dtype is the input's). Its dropout
+      mask is plain integer arithmetic (lrft.methods.dropout), which meta tensors run as they are
+      (never saved: backward regenerates it);
     - backward runs on this thread, where the stand-ins are in place.
 
     Each stand-in acts on meta tensors only; everything is restored on exit.
     """
     from lrft.methods import layers
 
-    mask, compute_dtype = layers._dropout_mask, layers._compute_dtype
+    compute_dtype = layers._compute_dtype
     autocast, sdpa, dropout = torch.autocast, F.scaled_dot_product_attention, F.dropout
-
-    def meta_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        return torch.empty_like(like) if like.is_meta else mask(like, p, seed)
 
     def meta_compute_dtype(x: torch.Tensor) -> torch.dtype:
         return x.dtype if x.is_meta else compute_dtype(x)
@@ -205,13 +202,13 @@ def meta_forward() -> Iterator[None]:
         return nullcontext() if device_type == "meta" else autocast(device_type, *args, **kwargs)
 
     # module attributes, not a mode: checkpointing recomputes layers where modes are not active
-    layers._dropout_mask, layers._compute_dtype = meta_mask, meta_compute_dtype
+    layers._compute_dtype = meta_compute_dtype
     torch.autocast = meta_autocast  # type: ignore[assignment,misc]
     F.scaled_dot_product_attention, F.dropout = _fused_attention(sdpa), _fused_dropout(dropout)
     try:
         with _DataChecks(), torch.autograd.set_multithreading_enabled(False):
             yield
     finally:
-        layers._dropout_mask, layers._compute_dtype = mask, compute_dtype
+        layers._compute_dtype = compute_dtype
         torch.autocast = autocast  # type: ignore[misc]
         F.scaled_dot_product_attention, F.dropout = sdpa, dropout

@@ -15,7 +15,8 @@ implements exactly that, and for any configuration keeps only what the requested
 
 - frozen A: ``x̃ Aᵀ`` (n, r) only;
 - trainable A: the dropped input ``x̃`` once (n, k), plus ``x̃ Aᵀ``;
-- dropout: no mask is stored, backward regenerates it from a 4-byte seed tensor (:func:`_keep`).
+- dropout: no mask is stored, backward regenerates it from a 4-byte seed tensor
+  (:mod:`lrft.methods.dropout`: the same bits from an eager or a fused kernel).
 
 The base layer is called as a module, so bitsandbytes 4/8-bit layers work unchanged. The other
 methods are choices on this one layer: an init that moves the base (PiSSA, LoRA-GA:
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrft.methods.dropout import drop, new_seed
 from lrft.quantization import dense_weight, set_dense_weight
 
 
@@ -42,73 +44,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-# Dropout masks come from a counter-based hash of (element index, seed), not from a torch.Generator:
-# the seed is a device tensor (no ``.item()``, no host sync, no Generator per call), backward
-# regenerates the identical mask from it (nothing mask-sized is kept, so LoRA-FA stays at the
-# frozen-model activation floor), and torch.compile traces it as plain integer arithmetic, fused
-# into one kernel, with no graph break. On CPU it is also the cheapest of the masks measured in
-# docs/performance.md (int32 ops vectorize; mt19937 draws and bernoulli_ do not).
-_GOLDEN = 0x9E3779B9 - 2**32  # odd int32 constants (as signed values, so int32 tensors accept them)
-_M1, _M2 = 0x7FEB352D, 0x846CA68B - 2**32
-
-
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """Wellons' lowbias32 integer hash on int32, in place (wrapping multiplies, logical shifts).
-
-    In place, so at most two int32 temporaries of the activation's size are alive at once (the
-    activation-memory plan counts the mask as one float tensor; see tests/test_memory.py).
-    """
-    for shift, keep, mult in ((16, 0xFFFF, _M1), (15, 0x1FFFF, _M2), (16, 0xFFFF, None)):
-        h ^= (h >> shift).bitwise_and_(keep)
-        if mult is not None:
-            h *= mult
-    return h
-
-
-def _new_seed(device: torch.device) -> torch.Tensor:
-    """A fresh int32 seed drawn from the global RNG on ``device``: reproducible under
-    ``torch.manual_seed``, and redrawn identically by checkpoint recompute (which restores the RNG)."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int32, device=device)
-
-
-def _keep(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """Bool keep-mask of ``like``'s shape, P(keep) = 1 − p, a pure function of (index, seed).
-
-    Indices are int32 and wrap beyond 2³² elements (a single activation that large repeats its
-    mask pattern; nothing else changes).
-    """
-    h = torch.arange(like.numel(), dtype=torch.int32, device=like.device).view(like.shape)
-    h = _mix32(h.mul_(_GOLDEN).add_(seed))  # a Weyl step first: neighbouring indices land far apart
-    # h is uniform over int32: keep the top (1 − p) share of its range
-    return h >= int(-(2**31) + round(p * 2**32))
-
-
-def _dropout_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """The keep-mask scaled by 1/(1-p), in ``like``'s dtype: the dropout :class:`LowRankFn` applies
-    (it multiplies by :func:`_keep` and folds 1/(1-p) into its scale; tests compare with this)."""
-    return _keep(like, p, seed).to(like.dtype).mul_(1.0 / (1.0 - p))
-
-
 class LowRankFn(torch.autograd.Function):
     """s · dropout(x) Aᵀ Bᵀ with a backward that saves only what the needed gradients use."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scale: float, p: float, grad_proj=None):
+    def forward(ctx, x, lora_a, lora_b, scale: float, p: float, grad_proj=None, kernel="auto"):
         dtype = _compute_dtype(x)
-        seed = _new_seed(x.device) if p > 0 else None
+        seed = new_seed(x.device) if p > 0 else None
         # dropout's 1/(1-p) is folded into the scale: s·((x⊙keep)/(1-p))AᵀBᵀ = s/(1-p)·(x⊙keep)AᵀBᵀ,
         # so applying the mask is one multiply by a bool tensor, here and in backward
         scale = scale / (1.0 - p) if p > 0 else scale
         with torch.autocast(x.device.type, enabled=False):
             xd = x.to(dtype)
             if p > 0:
-                xd = xd * _keep(xd, p, seed)
+                xd = drop(xd, p, seed, kernel)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             xa = xd @ a.t()  # (..., r)
             out = (xa @ b.t()) * scale
         # the seed (a 0-d int32 tensor, not an input) rides on ctx, not save_for_backward: it is
         # the dropout's whole state, 4 bytes, and not an activation
         ctx.scale, ctx.p, ctx.seed, ctx.dtype, ctx.grad_proj = scale, p, seed, dtype, grad_proj
+        ctx.kernel = kernel
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # A's gradient needs the (dropped) input; B's only x̃Aᵀ; x's only the weights.
         saved_x = xd if lora_a.requires_grad else None
@@ -135,9 +91,9 @@ class LowRankFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_xa @ a).reshape(ctx.x_shape)
             if ctx.p > 0:
-                grad_x = grad_x * _keep(grad_x, ctx.p, ctx.seed)
+                grad_x = drop(grad_x, ctx.p, ctx.seed, ctx.kernel)
             grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 class LowRankLinear(nn.Module):
@@ -176,6 +132,9 @@ class LowRankLinear(nn.Module):
         self.r, self.alpha, self.p = r, alpha, dropout
         self.scale = alpha / (math.sqrt(r) if rslora else r)
         self.project_grad = project_grad
+        # which kernel computes the dropout mask (lrft.methods.dropout; trainer.dropout_kernel):
+        # an execution choice, not state, so it is not saved
+        self.dropout_kernel = "auto"
         self._proj: torch.Tensor | None = None  # _grad_proj's cache and the A it was computed from
         self._proj_key: tuple[Any, ...] | None = None
         weight = base.weight
@@ -197,7 +156,9 @@ class LowRankLinear(nn.Module):
     def adapter(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """s · dropout(x) Aᵀ Bᵀ in ``dtype``, through :class:`LowRankFn`."""
         p = self.p if self.training else 0.0
-        return LowRankFn.apply(x, self.lora_A, self.lora_B, self.scale, p, self._grad_proj()).to(dtype)
+        proj = self._grad_proj()
+        out = LowRankFn.apply(x, self.lora_A, self.lora_B, self.scale, p, proj, self.dropout_kernel)
+        return out.to(dtype)
 
     def _grad_proj(self) -> torch.Tensor | None:
         """(A Aᵀ + δI)⁻¹ / s² (PEFT's ridge δ = 1e-8), r × r, float32, computed once per A.
@@ -332,3 +293,16 @@ class DoraLinear(LowRankLinear):
     def export_factors(self) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
         a, b, scale, _ = super().export_factors()
         return a, b, scale, self.lora_magnitude.detach().float()
+
+
+def use_dropout_kernel(model: nn.Module, kernel: str) -> int:
+    """Set every low-rank layer's dropout kernel ("auto" | "eager" | "fused", see
+    :mod:`lrft.methods.dropout`); returns how many layers were set."""
+    from lrft.methods.dropout import KERNELS
+
+    if kernel not in KERNELS:
+        raise ValueError(f"dropout kernel must be one of {KERNELS}, got {kernel!r}")
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    for layer in layers:
+        layer.dropout_kernel = kernel
+    return len(layers)

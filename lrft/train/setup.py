@@ -28,6 +28,7 @@ from lrft.data.sampling import LengthGroupedSampler
 from lrft.errors import UserError
 from lrft.methods import get_method
 from lrft.methods.base import ApplyContext
+from lrft.methods.layers import use_dropout_kernel
 from lrft.models import count_parameters, load_model, load_tokenizer, quantize
 from lrft.resume import find_checkpoint, restore_trainable
 from lrft.topology import Topology
@@ -166,6 +167,7 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     model = method.apply(model, defaults, ctx)
     if resume_from is not None:  # whole tensors, before any sharding or wrapping
         restore_trainable(resume_from, cfg, method, model)
+    use_dropout_kernel(model, t.get("dropout_kernel", "auto"))
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model.config, "use_cache", None):

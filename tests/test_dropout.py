@@ -1,0 +1,120 @@
+"""The low-rank layer's dropout kernels: fused (compiled once) and eager give the same bits.
+
+The fused kernel is ``torch.compile`` of the eager hash; integer arithmetic is exact, so the
+comparisons here are ``torch.equal``, not tolerances. Compiling costs seconds per dtype, so the
+module keeps to float32 and one bfloat16 case.
+"""
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lrft.config import compose, validate
+from lrft.errors import UserError
+from lrft.methods import dropout
+from lrft.methods.dropout import drop, fused_for, keep_mask, new_seed
+from lrft.methods.layers import LowRankLinear, use_dropout_kernel
+from lrft.train import train
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_fused_kernel_gives_the_eager_bits_for_every_shape(p):
+    seed = torch.tensor(123456789, dtype=torch.int32)
+    # odd sizes and a changing sequence length: one dynamic kernel must serve every batch
+    for shape in [(3, 17, 64), (2, 5, 7, 9), (4, 29, 64), (1, 1, 3)]:
+        x = torch.randn(shape)
+        fused = drop(x, p, seed, "fused")
+        assert torch.equal(fused, x * keep_mask(x, p, seed)), shape
+        assert torch.equal(drop(x, p, seed, "eager"), fused), shape
+    # and the mask is a real dropout: about p of 64k elements zeroed, depending on the seed
+    x = torch.ones(256, 256)
+    share = (drop(x, p, seed, "fused") == 0).float().mean().item()
+    assert abs(share - p) < 0.01, share
+    other = drop(x, p, torch.tensor(7, dtype=torch.int32), "fused")
+    assert not torch.equal(other, drop(x, p, seed, "fused"))
+
+
+def test_fused_kernel_matches_eager_in_bfloat16():
+    x = torch.randn(2, 11, 32, dtype=torch.bfloat16)
+    seed = torch.tensor(5, dtype=torch.int32)
+    out = drop(x, 0.1, seed, "fused")
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, drop(x, 0.1, seed, "eager"))
+
+
+@pytest.mark.parametrize("freeze_a", [False, True], ids=["lora", "lora_fa"])
+def test_layer_forward_and_gradients_are_identical_with_either_kernel(freeze_a):
+    torch.manual_seed(0)
+    layer = LowRankLinear(torch.nn.Linear(48, 40), r=4, alpha=8, dropout=0.2, freeze_a=freeze_a)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 would make A's and x's gradients zero
+    x = torch.randn(3, 13, 48)
+    results = []
+    for kernel in ("eager", "fused"):
+        assert use_dropout_kernel(layer, kernel) == 1
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)  # the same seed draw for both
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        grads = [xi.grad] + [p.grad for p in (layer.lora_A, layer.lora_B) if p.grad is not None]
+        results.append([y.detach(), *[g.clone() for g in grads]])
+        layer.zero_grad(set_to_none=True)
+    assert len(results[0]) == (3 if freeze_a else 4)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    # dropout was on: the eval output (no dropout) differs from the training one
+    layer.eval()
+    assert not torch.equal(layer(x), results[0][0])
+
+
+def test_auto_is_fused_on_cuda_only_and_never_on_meta():
+    cpu, cuda, meta = torch.device("cpu"), torch.device("cuda", 0), torch.device("meta")
+    assert fused_for("auto", cuda) and not fused_for("auto", cpu)
+    assert fused_for("fused", cpu) and fused_for("fused", cuda)
+    assert not fused_for("eager", cuda) and not fused_for("fused", meta)
+    with pytest.raises(ValueError, match="dropout kernel must be one of"):
+        fused_for("triton", cpu)
+
+
+def test_a_failing_compiler_falls_back_to_eager_once_with_a_warning(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(dropout, "_fused", broken)
+    monkeypatch.setattr(dropout, "_fused_failed", False)
+    x, seed = torch.randn(4, 8), new_seed(torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="lrft.methods.dropout"):
+        out = drop(x, 0.3, seed, "fused")
+        again = drop(x, 0.3, seed, "fused")
+    assert torch.equal(out, x * keep_mask(x, 0.3, seed)) and torch.equal(again, out)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "no C++ compiler found" in warnings[0] and "dropout_kernel=eager" in warnings[0]
+    assert not fused_for("fused", torch.device("cpu"))
+
+
+def test_bad_kernel_name_is_refused_with_the_closest():
+    with pytest.raises(UserError, match="fused"):
+        validate(compose(["trainer.dropout_kernel=fuzed"]))
+
+
+def test_the_loop_sets_the_kernel_and_trains_the_same_adapters(tmp_path):
+    """trainer.dropout_kernel reaches every layer; with dropout on, fused and eager runs end on
+    bit-identical adapters."""
+    args = [
+        "method=lora", "method.dropout=0.1", "trainer.max_steps=3", "trainer.batch_size=2",
+        "trainer.log_every=1", "trainer.eval_every=0", "trainer.progress=false", "trainer.cpu=true",
+    ]  # fmt: skip
+    states = {}
+    for kernel in ("eager", "fused"):
+        out = tmp_path / kernel
+        run = train(compose([*args, f"trainer.dropout_kernel={kernel}", f"output_dir={out}"]), out)
+        kernels = {m.dropout_kernel for m in run.model.modules() if isinstance(m, LowRankLinear)}
+        assert kernels == {kernel}
+        states[kernel] = load_file(out / "final" / "trainable.safetensors")
+    assert states["eager"].keys() == states["fused"].keys()
+    for k, v in states["eager"].items():
+        assert torch.equal(v, states["fused"][k]), k
+    assert any(v.abs().max() > 0 for k, v in states["eager"].items() if "lora_B" in k)
