@@ -11,7 +11,11 @@ written as ``failed: reason`` and the next one runs; ``--budget-s`` skips what i
 2. ``lrft memory``'s prediction (:class:`lrft.memory.plan.Planner`, the same composed config) beside
    the measured peak;
 3. data-aware inits on the device: PiSSA with randomized SVD, LoRA-GA's gradient estimate + SVD;
-4. an fp16 run through ``lrft.train.train`` (GradScaler): overflow steps and the final loss scale.
+4. an fp16 run through ``lrft.train.train`` (GradScaler): overflow steps and the final loss scale;
+5. the low-rank layer's dropout mask (lrft.methods.dropout): the eager hash, the fused (compiled)
+   hash and torch's own dropout, ms per mask on an MLP-wide activation, and whether the fused bits
+   equal the eager ones on this device (the training rows use ``auto``: fused on CUDA; the
+   "eager dropout kernel" row is lrft lora_fa with ``trainer.dropout_kernel=eager``).
 
 ``--tiny`` runs the same code on CPU with tiny LLaMA shapes in seconds (tests/test_gpu_check.py).
 
@@ -210,17 +214,21 @@ def step_row(check: Check, build: Callable[[], tuple[Any, Any]], overrides: list
     return row
 
 
-def lrft_builder(check: Check, method: str, quant: str) -> Callable[[], tuple[Any, Any]]:
+def lrft_builder(
+    check: Check, method: str, quant: str, kernel: str = "auto"
+) -> Callable[[], tuple[Any, Any]]:
     def build() -> tuple[Any, Any]:
         from omegaconf import OmegaConf
 
         from lrft.config import compose
         from lrft.methods import get_method
         from lrft.methods.base import ApplyContext
+        from lrft.methods.layers import use_dropout_kernel
 
         cfg = compose(check.overrides(method, quant))
         m = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
         model = m.apply(check.base(quant != "none"), {"target_modules": TARGETS}, ApplyContext())
+        use_dropout_kernel(model, kernel)  # what trainer.dropout_kernel does in the loop
         return model, m.build_optimizer(model, cfg.optimizer)
 
     return build
@@ -290,6 +298,37 @@ def fp16_row(check: Check) -> dict:
     }
 
 
+def mask_rows(check: Check, p: float = 0.05, repeats: int = 20) -> list[tuple[str, dict]]:
+    """ms per dropout mask applied (forward: x ⊙ keep) on a (batch, length, intermediate) bf16
+    activation: lrft's hash eager and fused, and torch's dropout (one kernel, a stored mask)."""
+    from lrft.config import compose
+    from lrft.methods.dropout import drop, new_seed
+
+    width = int(compose([f"model={check.model_cfg}"]).model.from_config.intermediate_size)
+    x = torch.randn(check.args.batch, check.args.length, width, device=check.device, dtype=torch.bfloat16)
+    seed = new_seed(check.device)
+    eager = drop(x, p, seed, "eager")
+    same = torch.equal(drop(x, p, seed, "fused"), eager)  # also compiles the fused kernel
+    candidates = {
+        "lrft hash, eager (~15 ops)": lambda: drop(x, p, seed, "eager"),
+        "lrft hash, fused (one compiled kernel)": lambda: drop(x, p, seed, "fused"),
+        "torch.nn.functional.dropout": lambda: torch.nn.functional.dropout(x, p, training=True),
+    }
+    rows = []
+    for label, fn in candidates.items():
+        fn()
+        check.sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        check.sync()
+        row = {"ms per mask": f"{(time.perf_counter() - start) / repeats * 1e3:.3f}"}
+        row["bits equal eager"] = str(same) if "fused" in label else "-"
+        rows.append((label, row))
+    shape = f"{tuple(x.shape)} bf16, p={p}"
+    return [(f"{label} [{shape}]", row) for label, row in rows]
+
+
 def table(rows: list[tuple[str, dict]], columns: list[str]) -> str:
     """Markdown table; a row holding only a status (failed / skipped) says so in its first cell."""
     out = ["| configuration | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -324,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     train_rows = [
         ("lrft lora", lrft_builder(check, "lora", "none"), check.overrides("lora")),
         ("lrft lora_fa", lrft_builder(check, "lora_fa", "none"), check.overrides("lora_fa")),
+        (
+            "lrft lora_fa, eager dropout kernel",
+            lrft_builder(check, "lora_fa", "none", "eager"),
+            check.overrides("lora_fa"),
+        ),
         ("lrft QLoRA-FA (nf4 base)", lrft_builder(check, *qlora), check.overrides(*qlora)),
         ("PEFT LoRA", peft_builder(check, False), None),
         ("PEFT LoRA, A frozen", peft_builder(check, True), None),
@@ -331,11 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[tuple[str, dict]] = []
     inits: list[tuple[str, dict]] = []
     fp16: list[tuple[str, dict]] = []
+    masks: list[tuple[str, dict]] = []
 
     def run(into: list, label: str, fn: Callable[[], dict]) -> None:
         print(f"gpu_check: {time.monotonic() - budget.start:.1f}s {label}", file=sys.stderr)
         into.append((label, guarded(fn, budget)))
-        write_report(args, check, budget, steps, inits, fp16, finished=False)  # a kill keeps what ran
+        write_report(args, check, budget, steps, inits, fp16, masks, finished=False)  # a kill keeps rows
 
     for label, build, ov in train_rows:
         run(steps, label, lambda b=build, o=ov: step_row(check, b, o))
@@ -346,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         run(inits, label, lambda m=method, e=extra: init_row(check, m, e))
     run(fp16, "tiny_llama lora_fa, trainer.mixed_precision=fp16", lambda: fp16_row(check))
-    write_report(args, check, budget, steps, inits, fp16, finished=True)
+    print(f"gpu_check: {time.monotonic() - budget.start:.1f}s dropout masks", file=sys.stderr)
+    got = guarded(lambda: {"rows": mask_rows(check)}, budget)  # type: ignore[dict-item]
+    masks.extend(got.get("rows", [("dropout masks", got)]))
+    write_report(args, check, budget, steps, inits, fp16, masks, finished=True)
     return 0
 
 
@@ -357,6 +405,7 @@ def write_report(
     steps: list,
     inits: list,
     fp16: list,
+    masks: list,
     finished: bool,
 ) -> None:
     """The whole report, rewritten after every row: a run killed from outside keeps its rows."""
@@ -404,6 +453,12 @@ def write_report(
         "## fp16 through lrft's loop (GradScaler)",
         "",
         table(fp16, ["steps", "overflow_steps", "loss scale (first, last)", "final train loss", "device"]),
+        "",
+        "## Dropout masks (lrft.methods.dropout)",
+        "",
+        "Forward application x ⊙ keep; lrft regenerates the mask in backward instead of storing it.",
+        "",
+        table(masks, ["ms per mask", "bits equal eager"]),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

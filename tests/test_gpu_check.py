@@ -17,7 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = re.compile(r"^[\d,]+(\.\d+)?")
 
-TRAIN_ROWS = ["lrft lora", "lrft lora_fa", "lrft QLoRA-FA (nf4 base)", "PEFT LoRA", "PEFT LoRA, A frozen"]
+TRAIN_ROWS = [
+    "lrft lora", "lrft lora_fa", "lrft lora_fa, eager dropout kernel", "lrft QLoRA-FA (nf4 base)",
+    "PEFT LoRA", "PEFT LoRA, A frozen",
+]  # fmt: skip
 INIT_ROWS = ["PiSSA, randomized SVD", "LoRA-GA"]
 
 
@@ -63,6 +66,18 @@ def test_training_rows_have_speed_and_prediction(report: str) -> None:
     n = {k: float(v[0].rstrip("M")) for k, v in table.items()}
     assert n["lrft lora_fa"] < n["lrft lora"] == n["PEFT LoRA"]
     assert n["lrft lora_fa"] == n["PEFT LoRA, A frozen"] == n["lrft QLoRA-FA (nf4 base)"]
+    assert n["lrft lora_fa"] == n["lrft lora_fa, eager dropout kernel"]
+
+
+def test_dropout_mask_rows(report: str) -> None:
+    table = rows(report, "Dropout masks")
+    labels = [k.split(" [")[0] for k in table]
+    assert labels == [
+        "lrft hash, eager (~15 ops)", "lrft hash, fused (one compiled kernel)", "torch.nn.functional.dropout"
+    ]  # fmt: skip
+    for label, (ms, equal) in table.items():
+        assert NUMBER.match(ms) and float(ms) > 0, (label, ms)
+        assert equal == ("True" if "fused" in label else "-"), (label, equal)
 
 
 def test_init_and_fp16_rows(report: str) -> None:
