@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from lrft.config import compose, validate
 from lrft.errors import UserError
+from lrft.memory.measure import saved_activation_bytes
 from lrft.methods import dropout
 from lrft.methods.dropout import drop, fused_for, keep_mask, new_seed
 from lrft.methods.layers import LowRankLinear, use_dropout_kernel
@@ -118,3 +119,13 @@ def test_the_loop_sets_the_kernel_and_trains_the_same_adapters(tmp_path):
     for k, v in states["eager"].items():
         assert torch.equal(v, states["fused"][k]), k
     assert any(v.abs().max() > 0 for k, v in states["eager"].items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize(("freeze_a", "numbers"), [(True, 24 * 4), (False, 24 * 48 + 24 * 4)])
+def test_the_fused_kernel_keeps_nothing_mask_sized_either(freeze_a, numbers):
+    """LoRA-FA keeps only x·Aᵀ (n·r), LoRA adds the dropped input once (n·k): no mask, either kernel."""
+    layer = LowRankLinear(torch.nn.Linear(48, 40), r=4, alpha=8, dropout=0.1, freeze_a=freeze_a)
+    layer.base_layer.requires_grad_(False)
+    use_dropout_kernel(layer, "fused")
+    x = torch.randn(24, 48, requires_grad=True) * 1.0  # not a leaf: counted if saved
+    assert saved_activation_bytes(layer, lambda: layer(x)) == 4 * numbers
