@@ -370,3 +370,35 @@ def test_progress_callback_counts_every_example():
     examples = encode_rows(mrpc_rows(5), cfg, "classification", tok)
     evaluate_model(tiny_roberta(), tok, examples, cfg, "classification", 2, "cpu", on_batch=seen.append)
     assert seen == [2, 2, 1]
+
+
+@pytest.mark.parametrize("task", ["causal", "seq2seq"])
+def test_lockstep_split_runs_equal_forwards_and_scores_the_whole_set(task):
+    """Sharded (FSDP2) evaluation: 5 batches over 2 ranks are 3 forwards each (rank 1 adds one
+    whose labels are all ignored); the two ranks' sums are the whole set's."""
+    from types import SimpleNamespace
+
+    from lrft.evaluate.core import _batches
+    from lrft.evaluate.losses import token_loss
+    from lrft.evaluate.shard import Shard
+
+    tok = byte_tokenizer("llama" if task == "causal" else "t5")
+    model = tiny_llama() if task == "causal" else tiny_t5()
+    examples = encode_rows(instr_rows(), instr_cfg(), task, tok)  # 9 examples
+    collate = Collator(tok, task, with_refs=True)
+    model.eval()
+    parts = []
+    for rank in (0, 1):
+        shard = Shard(SimpleNamespace(process_index=rank, num_processes=2), lockstep=True)
+        batches = list(_batches(examples, collate, 2, "cpu", None, shard))
+        assert len(batches) == 3, rank  # ceil(5 / 2) forwards on every rank
+        if rank == 1:
+            assert (batches[-1][0]["labels"] == -100).all()  # the filler scores nothing
+        with torch.no_grad():
+            token_loss(model, batches, task, lambda meter, sums: (None, parts.append(sums) or sums))
+    whole = run(model, tok, examples, instr_cfg(), task, batch_size=2)
+    loss = sum(p["loss"] for p in parts) / sum(p["tokens"] for p in parts)
+    assert loss == pytest.approx(whole["loss"], rel=1e-9)
+    # without lockstep rank 1 would run 2 forwards: the filler is only there to even the count
+    plain = Shard(SimpleNamespace(process_index=1, num_processes=2))
+    assert len(list(_batches(examples, collate, 2, "cpu", None, plain))) == 2

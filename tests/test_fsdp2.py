@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from launch import torchrun
-from test_loop_invariants import COMMON, SGD, final_state, max_diff, run, uneven_data
+from test_loop_invariants import COMMON, SGD, eval_records, final_state, max_diff, run, uneven_data
 
 from lrft.config import compose
 from lrft.errors import UserError
@@ -29,9 +29,11 @@ def test_two_sharded_processes_equal_one_and_resume_bit_identically(tmp_path):
     # reduce-scatter): each process sees 1 example per micro-batch, 2 per step, 4 globally. SGD with
     # momentum: optimizer state to shard and to restore. (AdamW+clipping amplifies float32 noise to
     # ~5e-5 against one process, the same for DDP and FSDP2, which agree to 2e-9.)
-    args = [a for a in COMMON if "max_grad_norm" not in a] + ["trainer.max_grad_norm=0.05"]
-    args += ["method=lora_fa", *uneven_data(tmp_path), *SGD, "optimizer.momentum=0.9"]
-    args += ["trainer.max_steps=4", "trainer.save_every=2"]
+    args = [a for a in COMMON if "max_grad_norm" not in a and "eval_every" not in a]
+    args += ["trainer.max_grad_norm=0.05", "method=lora_fa", *uneven_data(tmp_path), *SGD]
+    args += ["optimizer.momentum=0.9", "trainer.max_steps=4", "trainer.save_every=2"]
+    # evaluation at steps 0, 2, 4: 16 rows in 3 batches of 6, split in lockstep (2 forwards each)
+    args += ["trainer.eval_every=2", "trainer.eval_batch_size=6"]
     one = run(tmp_path, "one", [*args, "trainer.batch_size=4"])
     ref = tmp_path / "fsdp"
     ok(torchrun([*args, *FSDP, f"output_dir={ref}"]))
@@ -39,6 +41,11 @@ def test_two_sharded_processes_equal_one_and_resume_bit_identically(tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert max_diff(final_state(ref), one) < 1e-6
     assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 1e-3  # it trained
+    evals = [eval_records(d) for d in (tmp_path / "one", ref)]
+    assert [e["step"] for e in evals[1]] == [e["step"] for e in evals[0]] == [0, 2, 4]
+    for a, b in zip(*evals, strict=True):
+        assert a["eval/n"] == b["eval/n"] == 16
+        assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-5)
 
     # each rank saved its dim-0 share of the momentum; no whole copy was written
     ckpt = ref / "checkpoints" / "step-00000002"

@@ -34,6 +34,7 @@ def evaluate_model(
     device: str | torch.device,
     on_batch: OnBatch = None,
     accelerator: Any = None,
+    lockstep: bool = False,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``examples`` (from :func:`encode_for_eval`), always with ``n``.
 
@@ -49,6 +50,8 @@ def evaluate_model(
     ``on_batch(examples_done)`` is called after each batch (``lrft eval``'s progress bar).
     With ``accelerator`` (several processes), each process scores every W-th batch and the tallies
     merge: every process returns the metrics of the whole set (see :mod:`lrft.evaluate.shard`).
+    ``lockstep`` (a sharded model, token-loss evaluation only): every process runs the same number
+    of forwards, padding with batches whose labels are all ignored.
     The model is put in eval mode and its training mode restored afterwards.
     """
     was_training = model.training
@@ -57,8 +60,10 @@ def evaluate_model(
         with torch.no_grad():
             if not examples:
                 return {"n": 0}
-            shard = Shard(accelerator)
+            shard = Shard(accelerator, lockstep)
             size = max(1, int(batch_size))
+            if lockstep and dcfg.kind == "glue":
+                raise ValueError("lockstep evaluation scores token losses only, not GLUE metrics")
             if dcfg.kind == "glue" and task == "causal":
                 spec = get_task(dcfg.subset)
                 pad = _pad_id(tokenizer)
@@ -103,7 +108,8 @@ def _batches(
 ) -> Iterator[tuple[dict[str, Any], list[Any] | None]]:
     """(tensors on ``device``, the reference labels or None) for each of this process's batches."""
     size = max(1, int(batch_size))
-    for index, start in enumerate(range(0, len(examples), size)):
+    starts = range(0, len(examples), size)
+    for index, start in enumerate(starts):
         if shard is not None and not shard.mine(index):
             continue
         chunk = examples[start : start + size]
@@ -112,3 +118,9 @@ def _batches(
         yield {k: v.to(device) for k, v in batch.items()}, refs
         if on_batch is not None:  # the consumer asked for the next batch: this one is done
             on_batch(len(chunk))
+    for _ in range(shard.fillers(len(starts)) if shard is not None else 0):
+        # a forward in step with the other ranks that scores nothing: every label ignored
+        batch = collate(examples[:size])
+        batch.pop("refs", None)
+        batch["labels"] = torch.full_like(batch["labels"], -100)
+        yield {k: v.to(device) for k, v in batch.items()}, None

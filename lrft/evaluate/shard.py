@@ -3,6 +3,10 @@
 Batches are formed exactly as in one process and only dealt out, so every number a batch
 produces is the one a single process computes; merging adds sums (float64) and confusion
 matrices (exact), and concatenates STS-B's scores (Spearman and Pearson do not depend on order).
+
+``lockstep`` (a sharded model, FSDP2: every forward is a collective, so every rank must run the
+same number of them): ranks left with one batch fewer run one more whose labels are all ignored
+(-100). A token loss counts no token of it, so the merged sums are those of the whole set.
 """
 
 from __future__ import annotations
@@ -17,12 +21,20 @@ Sums = dict[str, float]
 class Shard:
     """Which batches this process evaluates, and how all processes' tallies combine."""
 
-    def __init__(self, accelerator: Any = None) -> None:
+    def __init__(self, accelerator: Any = None, lockstep: bool = False) -> None:
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.world = accelerator.num_processes if accelerator is not None else 1
+        self.lockstep = lockstep and self.world > 1
 
     def mine(self, batch_index: int) -> bool:
         return batch_index % self.world == self.rank
+
+    def fillers(self, n_batches: int) -> int:
+        """How many label-free batches this rank adds so all ranks run ceil(n / W) forwards."""
+        if not self.lockstep:
+            return 0
+        mine = len(range(self.rank, n_batches, self.world))
+        return -(-n_batches // self.world) - mine
 
     def merge(self, meter: GlueMeter | None, sums: Sums) -> tuple[GlueMeter | None, Sums]:
         """Every rank's meter and sums, combined (a collective: every rank calls it)."""

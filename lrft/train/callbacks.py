@@ -79,12 +79,16 @@ def run_eval(accelerator: Any, model: Any, tokenizer: Any, examples: list, cfg: 
             unwrapped, tokenizer, examples, cfg.dataset, cfg.model.task, bs, accelerator.device,
             accelerator=accelerator,
         )  # fmt: skip
-    # FSDP2: every forward is a collective, so every rank must run the same batches in step; each
-    # evaluates the whole set (identical results, no merge). Autocast as the loop's forward.
+    # FSDP2: every forward is a collective, so every rank must run as many as the others. A token
+    # loss (instruction data) is split in lockstep (label-free filler batches even the count out);
+    # GLUE metrics count rows and generate for T5, so there every rank evaluates the whole set
+    # (identical results, no merge). Autocast as the loop's forward.
+    split = cfg.dataset.kind != "glue"
     with accelerator.autocast():
         return evaluate_model(
-            unwrapped, tokenizer, examples, cfg.dataset, cfg.model.task, bs, accelerator.device
-        )
+            unwrapped, tokenizer, examples, cfg.dataset, cfg.model.task, bs, accelerator.device,
+            accelerator=accelerator if split else None, lockstep=split,
+        )  # fmt: skip
 
 
 def save(
