@@ -19,7 +19,8 @@ console = Console(stderr=True)
 
 
 class TrainProgress:
-    """Steps, loss, learning rate and tokens/s in one line; notes printed above the bar."""
+    """Steps, loss, learning rate, real (non-pad) tokens/s and the padding share in one line;
+    notes printed above the bar."""
 
     def __init__(self, total: int, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -43,10 +44,20 @@ class TrainProgress:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def update(self, step: int, loss: float | None = None, lr: float | None = None, tps: float | None = None):
+    def update(
+        self,
+        step: int,
+        loss: float | None = None,
+        lr: float | None = None,
+        tps: float | None = None,
+        pad: float | None = None,
+    ) -> None:
         stats = {}
         if loss is not None:
-            stats["stats"] = f"loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+            # padding: the share of computed positions that were pad (what packing or
+            # trainer.group_by_length would win back)
+            padding = f" (pad {pad:.0%})" if pad else ""
+            stats["stats"] = f"loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s{padding}"
         self.progress.update(self.task, completed=step, **stats)
 
     def note(self, text: str) -> None:
@@ -71,5 +82,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row(f"eval {key}", f"{value:.4f}" if isinstance(value, float) else str(value))
     share = summary["trainable_params"] / max(1, summary["total_params"])
     table.add_row("trainable parameters", f"{summary['trainable_params']:,} ({share:.2%})")
+    if summary.get("tokens_per_s"):
+        pad = summary.get("padding", 0.0)
+        table.add_row("real tokens/s", f"{summary['tokens_per_s']:,.0f} ({pad:.0%} of positions were pad)")
     table.add_row("run folder", summary["run_dir"])
     return table

@@ -259,3 +259,26 @@ def test_tensorboard_logging_through_accelerate(tmp_path):
         ],
     )
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_logged_tokens_per_second_leave_out_evaluation_and_checkpoints(monkeypatch):
+    """A 3 s log window with a 1.5 s evaluation inside: its tokens/s are over the 1.5 s of
+    training, and the run's summary adds windows up the same way."""
+    from types import SimpleNamespace
+
+    from lrft.train import callbacks
+    from lrft.train.step import StepResult
+
+    # window start, evaluation start and end, flush, next window's start
+    clock = iter([0.0, 1.0, 2.5, 3.0, 3.0])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    acc = SimpleNamespace(device=torch.device("cpu"), is_main_process=False, num_processes=1)
+    bar = SimpleNamespace(update=lambda *a, **k: None)
+    logger = callbacks.Logger(acc, Path("unused"), SimpleNamespace(report_to=None), bar)
+    one, real, padded = torch.tensor(1.0), torch.tensor(300.0), torch.tensor(400.0)
+    logger.add(StepResult(loss_sum=one, count=one, real_tokens=real, padded_tokens=padded, bad=one * 0))
+    with logger.paused():
+        pass
+    state = SimpleNamespace(last_loss=None, pos=SimpleNamespace(step=1), steps_per_epoch=1, skipped=0)
+    logger.flush(state, lr=1e-4, scale=None)
+    assert logger.throughput() == pytest.approx({"tokens_per_s": 300 / 1.5, "padding": 0.25})

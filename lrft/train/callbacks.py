@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ class Logger:
         self.acc, self.t, self.progress = accelerator, tcfg, progress
         self.file = run_dir / "metrics.jsonl"
         self.main = accelerator.is_main_process
+        # the whole run's real tokens, padded positions and training seconds (for the summary)
+        self.total_real = self.total_padded = self.total_seconds = 0.0
         self._zero()
 
     def _zero(self) -> None:
@@ -33,6 +37,23 @@ class Logger:
         # loss sum, loss tokens, real tokens, padded positions
         self.window = torch.zeros(4, dtype=torch.float64, device=dev)
         self.tick = time.perf_counter()
+        self.paused_s = 0.0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Evaluation and checkpoints inside a log window: not training time (tokens/s)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
+    def throughput(self) -> dict[str, float]:
+        """Real (non-pad) tokens per training second and the padding share, over the whole run."""
+        return {
+            "tokens_per_s": self.total_real / self.total_seconds if self.total_seconds else 0.0,
+            "padding": 1 - self.total_real / self.total_padded if self.total_padded else 0.0,
+        }
 
     def add(self, res: StepResult) -> None:
         self.window += torch.stack([res.loss_sum, res.count, res.real_tokens, res.padded_tokens]).double()
@@ -48,7 +69,9 @@ class Logger:
         """The token-weighted train loss since the last flush, over every rank."""
         stats = self.acc.reduce(self.window.clone(), "sum") if self.acc.num_processes > 1 else self.window
         loss_sum, count, real, padded = stats.tolist()
-        elapsed = max(time.perf_counter() - self.tick, 1e-9)
+        elapsed = max(time.perf_counter() - self.tick - self.paused_s, 1e-9)
+        self.total_real, self.total_padded = self.total_real + real, self.total_padded + padded
+        self.total_seconds += elapsed
         state.last_loss = loss_sum / count if count else float("nan")
         step = state.pos.step
         record = {
@@ -65,7 +88,9 @@ class Logger:
             record["loss_scale"] = scale
             record["overflow_steps"] = state.overflow
         self.write(record)
-        self.progress.update(step, loss=state.last_loss, lr=lr, tps=record["tokens_per_s"])
+        self.progress.update(
+            step, loss=state.last_loss, lr=lr, tps=record["tokens_per_s"], pad=record["padding"]
+        )
         self._zero()
 
 

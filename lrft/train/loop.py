@@ -112,7 +112,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     watch = UntrainedWatch(unwrapped, t.untrained_warn_steps)
 
     def evaluate(step: int) -> dict[str, Any]:
-        metrics = run_eval(acc, model, s.tokenizer, s.eval_examples, cfg)
+        with logger.paused():
+            metrics = run_eval(acc, model, s.tokenizer, s.eval_examples, cfg)
         logger.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         if main:
             write_loss_plot(run_dir)  # RUN/loss.png, train and eval curves so far
@@ -143,7 +144,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
                     state.eval_metrics = evaluate(step)
                     progress.note(f"step {step}: " + _fmt(state.eval_metrics))
                 if t.save_every and step % t.save_every == 0 and not state.done:
-                    state.last_ckpt = save(acc, run_dir, state, cfg, s, writer)
+                    with logger.paused():
+                        state.last_ckpt = save(acc, run_dir, state, cfg, s, writer)
                 faults.maybe("kill_at_step", step)
                 faults.maybe("interrupt_at_step", step)
                 faults.maybe("term_at_step", step)
@@ -163,6 +165,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         "eval": state.eval_metrics,
         "trainable_params": s.trainable_params,
         "total_params": s.total_params,
+        **logger.throughput(),  # real tokens/s over training time (eval, saves excluded), padding
         "skipped_steps": state.skipped,
         "overflow_steps": state.overflow,
         "world_size": acc.num_processes,
