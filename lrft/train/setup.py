@@ -26,13 +26,14 @@ from lrft.data.packing import MASK_STYLES, PackedCollator, pack_examples
 from lrft.data.pipeline import prepare_split
 from lrft.data.sampling import LengthGroupedSampler
 from lrft.errors import UserError
+from lrft.memory.meta import build_meta_model
 from lrft.methods import get_method
 from lrft.methods.base import ApplyContext
 from lrft.methods.layers import use_dropout_kernel
 from lrft.models import count_parameters, load_model, load_tokenizer, quantize
 from lrft.resume import find_checkpoint, restore_trainable
 from lrft.topology import Topology
-from lrft.train import sharding
+from lrft.train import materialize, sharding
 from lrft.train.policy import resolve_precision
 from lrft.train.state import EpochSampler
 
@@ -126,7 +127,6 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     from torch.utils.data import DataLoader
 
     t, task = cfg.trainer, cfg.model.task
-    main = accelerator.is_main_process
     sharding.refuse(t.sharding, cfg, accelerator)
     # data first: a bad file should fail before a large model is loaded. Tokenized once into a
     # memory-mapped cache (one process prepares it, the others wait, then all read it)
@@ -135,47 +135,39 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     eval_ex = prepare_split(cfg.dataset, "eval", task, tokenizer, accelerator=accelerator)
     streaming = not hasattr(train_ex, "__len__")
 
-    random_init = cfg.model.name_or_path is None
-    model = load_model(cfg.model, num_labels(cfg.dataset), qcfg=None if random_init else cfg.quantization)
-    if random_init:
-        if main:  # the base exists nowhere else: keep it in full precision, to reload and merge the run
-            model.save_pretrained(run_dir / "base")
-            tokenizer.save_pretrained(run_dir / "base")
-        model = quantize(model, cfg.model, cfg.quantization)
-    if not cfg.model.device_map and t.sharding == "none":
-        # on the device BEFORE the method: data-aware inits (PiSSA's SVD, LoRA-GA's gradient
-        # probes) then run on the GPU, not the host. A model to shard may not fit one device whole:
-        # it stays on the host, and fully_shard moves it over block by block (lrft.train.sharding)
-        model = model.to(accelerator.device)
-    method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
-    _refuse_unsupported(method, model, accelerator)
-    defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
-    collate = Collator(tokenizer, task)
-
-    def calibration() -> Iterator[dict[str, Any]]:
-        device = next(model.parameters()).device
-        for batch in DataLoader(train_ex, batch_size=t.batch_size, shuffle=False, collate_fn=collate):
-            batch.pop("refs", None)
-            yield {k: v.to(device) for k, v in batch.items()}
-
     # with several processes a collective: every one must agree on the same step
     resume_from = find_checkpoint(run_dir, t.resume, accelerator) if t.resume else None
-    # sharded: the model is still on the host, where a device collective (NCCL) cannot reduce; each
-    # rank then computes the whole data-aware init itself (the same numbers on every rank)
-    split = accelerator if t.sharding == "none" else None
-    ctx = ApplyContext(calibration=calibration, accelerator=split, restoring=resume_from is not None)
-    model = method.apply(model, defaults, ctx)
-    if resume_from is not None:  # whole tensors, before any sharding or wrapping
-        restore_trainable(resume_from, cfg, method, model)
+    method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
+    defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
+    collate = Collator(tokenizer, task)
+    sharded = t.sharding == "fsdp2"
+    # sharded over several processes: the model is loaded once, by rank 0 (lrft.train.materialize)
+    handover = materialize.Handover(accelerator) if sharded and accelerator.num_processes > 1 else None
+    full_state = None
+    if handover is None or handover.source:
+        try:
+            model = _load_and_apply(cfg, run_dir, accelerator, tokenizer, train_ex, method, resume_from)
+        except BaseException as err:
+            if handover is not None:
+                handover.fail(err)  # the other ranks raise it instead of waiting
+            raise
+        if handover is not None:
+            full_state = handover.send(model)
+    else:
+        config, layout = handover.receive()
+        model = method.apply(build_meta_model(cfg.model, config), defaults, ApplyContext(restoring=True))
+        materialize.conform(model, layout)
     use_dropout_kernel(model, t.get("dropout_kernel", "auto"))
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training: it only costs memory
     n_train, n_total = count_parameters(model)  # before sharding: whole counts
-    sharded = t.sharding == "fsdp2"
     if sharded:  # before compile and before the optimizer, which must hold the sharded parameters
         model = sharding.shard(model, accelerator)
+        if handover is not None:
+            materialize.fill(model, full_state, accelerator)  # rank 0's weights into every shard
+            del full_state
 
     rows, batch_collate = train_ex, collate
     if cfg.dataset.packing:  # whole examples concatenated into rows of max_length (lrft.data.packing)
@@ -220,6 +212,52 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
         model, method, tokenizer, optimizer, scheduler, loader, sampler, eval_ex,
         total, steps_per_epoch, t.grad_accum, n_train, n_total, resume_from, sharded,
     )  # fmt: skip
+
+
+def _load_and_apply(
+    cfg: DictConfig,
+    run_dir: Path,
+    accelerator: Any,
+    tokenizer: Any,
+    train_ex: Any,
+    method: Any,
+    resume_from: Path | None,
+) -> nn.Module:
+    """The model loaded, on its device (unless sharded), with the method applied and, on resume,
+    the checkpoint's trainable weights restored: whole tensors, before any sharding or wrapping."""
+    from torch.utils.data import DataLoader
+
+    t = cfg.trainer
+    random_init = cfg.model.name_or_path is None
+    model = load_model(cfg.model, num_labels(cfg.dataset), qcfg=None if random_init else cfg.quantization)
+    if random_init:
+        if accelerator.is_main_process:  # the base exists nowhere else: keep it in full precision
+            model.save_pretrained(run_dir / "base")  # (to reload and merge the run)
+            tokenizer.save_pretrained(run_dir / "base")
+        model = quantize(model, cfg.model, cfg.quantization)
+    if not cfg.model.device_map and t.sharding == "none":
+        # on the device BEFORE the method: data-aware inits (PiSSA's SVD, LoRA-GA's gradient
+        # probes) then run on the GPU, not the host. A model to shard may not fit one device whole:
+        # it stays on the host, and fully_shard moves it over block by block (lrft.train.sharding)
+        model = model.to(accelerator.device)
+    _refuse_unsupported(method, model, accelerator)
+    defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
+    collate = Collator(tokenizer, cfg.model.task)
+
+    def calibration() -> Iterator[dict[str, Any]]:
+        device = next(model.parameters()).device
+        for batch in DataLoader(train_ex, batch_size=t.batch_size, shuffle=False, collate_fn=collate):
+            batch.pop("refs", None)
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    # sharded: the model is still on the host, where a device collective (NCCL) cannot reduce, and
+    # only rank 0 holds it: the data-aware init runs there on the whole calibration set
+    split = accelerator if t.sharding == "none" else None
+    ctx = ApplyContext(calibration=calibration, accelerator=split, restoring=resume_from is not None)
+    model = method.apply(model, defaults, ctx)
+    if resume_from is not None:
+        restore_trainable(resume_from, cfg, method, model)
+    return model
 
 
 def _refuse_unsupported(method: Any, model: nn.Module, accelerator: Any) -> None:
