@@ -28,7 +28,8 @@ rotating order; the table gives medians over rounds of real tokens/s (pad exclud
 and by CPU time (robust to a shared, oversubscribed machine: run with one thread), and ms/step.
 
 Variants: a system name may carry lrft overrides after ``+`` ("lrft plain+trainer.dropout_kernel=fused",
-several joined by ``+``); ``--lrft-overrides`` go to every lrft system. ``--masks`` also times the
+several joined by ``+``); ``--lrft-overrides`` go to every lrft system (and to the untimed run that
+makes the base and the token ids the HF systems share). ``--masks`` also times the
 dropout-mask candidates of the low-rank layer on an activation of this model.
 
     python scripts/bench_throughput.py                       # all systems, dropout 0 and 0.05
@@ -194,26 +195,28 @@ def lrft_run(bench: Bench, kind: str, dropout: float, variant: list[str]) -> tup
 
 
 def lrft_system(bench: Bench, name: str, dropout: float) -> Callable[[], Steps]:
+    """The run of a system named ``lrft KIND[+OVERRIDE...]``. Composed now, so that a bad override
+    fails before anything has run. Variants must leave model and data alone: the HF systems get
+    the base and the ids of the overrides without them."""
     base, *variant = name.split("+")
     kind = base.split()[1]
-    bench.compose(kind, dropout, variant)  # a bad override fails now, not after other systems ran
+    bench.compose(kind, dropout, variant)
     return lambda: lrft_run(bench, kind, dropout, variant)[0]
 
 
 def prepared(bench: Bench) -> tuple[list[dict[str, Any]], Any, Path]:
     """The examples as lrft's pipeline encodes them, its tokenizer, and the random-init base
     lrft's loop builds and saves (one untimed step of "lrft plain")."""
+    from lrft.config import compose
     from lrft.data.pipeline import prepare_split
     from lrft.models import load_tokenizer
+    from lrft.train import train
 
     cfg = bench.compose()
     tok = load_tokenizer(cfg.model)
     examples = list(prepare_split(cfg.dataset, "train", cfg.model.task, tok, seed=cfg.trainer.seed))
     out = bench.root / "base_run"
     ov = bench.overrides("plain", 0.0, out, ["trainer.max_steps=1"])
-    from lrft.config import compose
-    from lrft.train import train
-
     train(compose(ov), out, ov)
     return examples, tok, out / "base"
 
@@ -398,10 +401,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mask {name:30s} {cost:8.2f} CPU ms  ({shape}, p=0.05)")
     if not args.rounds:
         return 0
+    from lrft.errors import UserError
+
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_throughput_"))
     root.mkdir(parents=True, exist_ok=True)
     try:
         return run(args, root)
+    except UserError as err:  # a bad --lrft-overrides or +OVERRIDE: lrft's own message
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -416,12 +424,13 @@ def run(args: argparse.Namespace, root: Path) -> int:
     write_data(root / "data.jsonl", args.examples, args.max_length)
     bench = Bench(root, root / "data.jsonl", args.batch, args.max_length, args.warmup + args.steps)
     bench.extra = list(args.lrft_overrides)
-    examples, tok, base = prepared(bench)
     runs: dict[str, Callable[[], Steps]] = {}
+    lrft_runs = {(s, p): lrft_system(bench, s, p) for p in args.dropouts for s in args.systems if "lrft" in s}
+    examples, tok, base = prepared(bench)
     for p in args.dropouts:
         for s in args.systems:
             if s.startswith("lrft"):
-                runs[f"{s} (dropout {p:g})"] = lrft_system(bench, s, p)
+                runs[f"{s} (dropout {p:g})"] = lrft_runs[s, p]
             else:
                 kind = "trl" if s.startswith("TRL") else "peft"
                 runs[f"{s} (dropout {p:g})"] = lambda k=kind, p=p: (
