@@ -25,7 +25,10 @@ here, nothing changed in the loop). Data loading, logging, setup (composing, tok
 and saving the model) and the first ``--warmup`` steps (compilation) are not counted. Each round
 runs every system afresh for ``--warmup`` + ``--steps`` steps on the same first batches, in a
 rotating order; the table gives medians over rounds of real tokens/s (pad excluded) by wall clock
-and by CPU time (robust to a shared, oversubscribed machine: run with one thread), and ms/step.
+and by CPU time (robust to a shared, oversubscribed machine: run with one thread), ms/step, and
+"loop tok/s": real tokens over the time from one step's start to the next one's (one extra step
+is run for the last boundary), which adds what each loop does between steps (data loading,
+bookkeeping; lrft: RNG capture for exact resume, the metrics window).
 
 Variants: a system name may carry lrft overrides after ``+`` ("lrft plain+trainer.dropout_kernel=fused",
 several joined by ``+``); ``--lrft-overrides`` go to every lrft system (and to the untimed run that
@@ -56,7 +59,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -75,7 +78,20 @@ LRFT_KINDS = {
 }
 SYSTEMS = [*(f"lrft {k}" for k in LRFT_KINDS), "PEFT+Trainer", "TRL packed"]
 SEED = 0
-Steps = list[tuple[float, float, int]]  # per optimizer step: wall s, CPU s, real tokens
+
+
+class Step(NamedTuple):
+    """One optimizer step: its compute window (wall and CPU seconds), its real tokens, and the
+    clocks at its start (the next step's start minus this one's is the whole loop iteration)."""
+
+    wall: float
+    cpu: float
+    real: int
+    start: float
+    cpu_start: float
+
+
+Steps = list[Step]
 
 
 def write_data(path: Path, n: int, max_length: int, seed: int = SEED) -> None:
@@ -139,12 +155,12 @@ def _sync() -> None:
 class LoopClock:
     """Per-step times of lrft's loop, taken around the names the loop calls (see :func:`clocked`)."""
 
-    steps: list[tuple[float, float, Any]] = field(default_factory=list)
+    steps: list[tuple[float, float, Any, float, float]] = field(default_factory=list)
     batches: list[torch.Tensor] = field(default_factory=list)  # each step's first input_ids
     _t: tuple[float, float, Any] = (0.0, 0.0, None)
 
     def result(self) -> Steps:
-        return [(w, c, int(real)) for w, c, real in self.steps]
+        return [Step(w, c, int(real), t, ct) for w, c, real, t, ct in self.steps]
 
 
 @contextmanager
@@ -168,7 +184,8 @@ def clocked(clock: LoopClock) -> Iterator[None]:
             out = super().finish(*a, **k)
             _sync()
             start, cpu, real = clock._t
-            clock.steps.append((time.perf_counter() - start, time.process_time() - cpu, real))
+            end = (time.perf_counter() - start, time.process_time() - cpu)
+            clock.steps.append((*end, real, start, cpu))
             return out
 
     loop.forward_backward, loop.StepPolicy = timed, TimedPolicy
@@ -249,7 +266,7 @@ def hf_run(kind: str, bench: Bench, examples: list[dict], tok: Any, base: Path, 
     config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS)
     model = peft.get_peft_model(model, config)
     model.train()
-    times: list[tuple[float, float]] = []
+    times: list[tuple[float, float, float, float]] = []
     batches: list[dict[str, torch.Tensor]] = []
 
     class Clock(TrainerCallback):
@@ -259,7 +276,8 @@ def hf_run(kind: str, bench: Bench, examples: list[dict], tok: Any, base: Path, 
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             _sync()
-            times.append((time.perf_counter() - self.t0, time.process_time() - self.c0))
+            end = (time.perf_counter() - self.t0, time.process_time() - self.c0)
+            times.append((*end, self.t0, self.c0))
 
     def counted(collate: Callable) -> Callable:
         def wrapped(rows: list[dict]) -> dict:
@@ -301,7 +319,7 @@ def hf_run(kind: str, bench: Bench, examples: list[dict], tok: Any, base: Path, 
     reals = [
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
     ]
-    steps = [(w, c, k) for (w, c), k in zip(times, reals[: len(times)], strict=True)]
+    steps = [Step(w, c, k, t, ct) for (w, c, t, ct), k in zip(times, reals[: len(times)], strict=True)]
     return HFRecord(steps, batches)
 
 
@@ -352,23 +370,28 @@ def check_system(name: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown system {name!r}: choose from {SYSTEMS}, lrft ones +OVERRIDE")
 
 
-def table(names: list[str], wall: dict, cpu: dict, ms: dict) -> None:
+COLUMNS = ("real tok/s", "real tok/CPU-s", "ms/step", "loop tok/s")
+
+
+def table(names: list[str], stats: dict[str, dict[str, list[float]]]) -> None:
+    """Medians over rounds, and ratios of medians against the HF systems at the same dropout."""
     refs = ("PEFT+Trainer", "TRL packed")
-    print("| system | real tok/s | real tok/CPU-s | ms/step | vs PEFT+Trainer | vs TRL packed |")
-    print("|---|---|---|---|---|---|")
+    print(f"| system | {' | '.join(COLUMNS)} | {' | '.join(f'vs {k}' for k in refs)} |")
+    print("|---" * (1 + len(COLUMNS) + len(refs)) + "|")
     for n in names:
         p = n.split("(dropout ")[1].rstrip(")")
-        cells = []
+        med = {k: statistics.median(v) for k, v in stats[n].items()}
+        cells = [f"{med[k]:.0f}" for k in COLUMNS]
         for k in refs:
-            ref = f"{k} (dropout {p})"
-            if ref not in wall:
+            ref = stats.get(f"{k} (dropout {p})")
+            if ref is None:
                 cells.append("-")
                 continue
-            w = statistics.median(wall[n]) / statistics.median(wall[ref])
-            c = statistics.median(cpu[n]) / statistics.median(cpu[ref])
-            cells.append(f"{w:.2f}x wall, {c:.2f}x CPU")
-        med_w, med_c, med_ms = (statistics.median(v[n]) for v in (wall, cpu, ms))
-        print(f"| {n} | {med_w:.0f} | {med_c:.0f} | {med_ms:.0f} | {cells[0]} | {cells[1]} |")
+            w, c, lp = (
+                med[col] / statistics.median(ref[col]) for col in (COLUMNS[0], COLUMNS[1], COLUMNS[3])
+            )
+            cells.append(f"{w:.2f}x wall, {c:.2f}x CPU, {lp:.2f}x loop")
+        print(f"| {n} | {' | '.join(cells)} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,7 +445,8 @@ def run(args: argparse.Namespace, root: Path) -> int:
     datasets.disable_progress_bars()  # the per-run tokenizing and saving bars would bury the table
     hf_logging.disable_progress_bar()
     write_data(root / "data.jsonl", args.examples, args.max_length)
-    bench = Bench(root, root / "data.jsonl", args.batch, args.max_length, args.warmup + args.steps)
+    # one more step: its start ends the last timed step's loop iteration
+    bench = Bench(root, root / "data.jsonl", args.batch, args.max_length, args.warmup + args.steps + 1)
     bench.extra = list(args.lrft_overrides)
     runs: dict[str, Callable[[], Steps]] = {}
     lrft_runs = {(s, p): lrft_system(bench, s, p) for p in args.dropouts for s in args.systems if "lrft" in s}
@@ -436,21 +460,24 @@ def run(args: argparse.Namespace, root: Path) -> int:
                 runs[f"{s} (dropout {p:g})"] = lambda k=kind, p=p: (
                     hf_run(k, bench, examples, tok, base, p).steps
                 )
-    wall: dict[str, list[float]] = {n: [] for n in runs}  # real tokens per second, per round
-    cpu: dict[str, list[float]] = {n: [] for n in runs}  # real tokens per CPU-second of this process
-    ms: dict[str, list[float]] = {n: [] for n in runs}
+    # per system, one value per round: real tokens per second of the steps' compute windows (wall
+    # and this process's CPU time), ms per step, and real tokens per second of whole loop iterations
+    stats: dict[str, dict[str, list[float]]] = {n: {k: [] for k in COLUMNS} for n in runs}
     names = list(runs)
     for r in range(args.rounds):
         shift = r % len(names)
         for n in names[shift:] + names[:shift]:
-            steps = runs[n]()[args.warmup :]
-            if len(steps) != args.steps:
-                raise RuntimeError(f"{n}: {len(steps)} timed steps, expected {args.steps}")
-            secs, cpus, real = (sum(s[i] for s in steps) for i in range(3))
-            wall[n].append(real / secs)
-            cpu[n].append(real / cpus)
-            ms[n].append(secs / len(steps) * 1e3)
-            print(f"round {r} {n:40s} {real / secs:6.0f} tok/s {real / cpus:6.0f} tok/CPU-s", flush=True)
+            record = runs[n]()
+            if len(record) != bench.steps:
+                raise RuntimeError(f"{n}: {len(record)} steps recorded, expected {bench.steps}")
+            steps, after = record[args.warmup : -1], record[args.warmup + 1 :]
+            secs, cpus, real = (sum(getattr(s, k) for s in steps) for k in ("wall", "cpu", "real"))
+            loop = sum(b.start - a.start for a, b in zip(steps, after, strict=True))
+            values = (real / secs, real / cpus, secs / len(steps) * 1e3, real / loop)
+            for key, value in zip(COLUMNS, values, strict=True):
+                stats[n][key].append(value)
+            line = f"{real / secs:6.0f} tok/s {real / cpus:6.0f} tok/CPU-s {real / loop:6.0f} loop tok/s"
+            print(f"round {r} {n:40s} {line}", flush=True)
     lengths = [len(ex["input_ids"]) for ex in examples]
     s, a = SHAPE, args
     print(
@@ -461,7 +488,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
         f"torch {torch.__version__}" + (f", lrft overrides {a.lrft_overrides}" if a.lrft_overrides else "")
     )
     print()
-    table(names, wall, cpu, ms)
+    table(names, stats)
     return 0
 
 

@@ -29,7 +29,7 @@ def test_lrft_loop_steps_are_timed_and_peft_trainer_sees_the_same_batches(tmp_pa
     b = bench_module
     batch, max_length = 4, 64
     b.write_data(tmp_path / "data.jsonl", 24, max_length)
-    bench = b.Bench(tmp_path, tmp_path / "data.jsonl", batch, max_length, steps=1)
+    bench = b.Bench(tmp_path, tmp_path / "data.jsonl", batch, max_length, steps=2)
     examples, tok, base = b.prepared(bench)
     rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
     # the byte tokenizer: BOS + instruction + "\n" + output + EOS, one id per ASCII byte
@@ -40,22 +40,26 @@ def test_lrft_loop_steps_are_timed_and_peft_trainer_sees_the_same_batches(tmp_pa
     expected_real = sum(len(examples[i]["input_ids"]) for i in first)
 
     steps, clock = b.lrft_run(bench, "plain", 0.0, [])
-    assert len(steps) == 1  # the loop's one optimizer step went through the clock
-    wall, cpu, real = steps[0]
-    assert math.isfinite(wall) and wall > 0 and math.isfinite(cpu) and cpu > 0
-    assert real == expected_real
+    assert len(steps) == 2  # each optimizer step of the loop went through the clock
+    first_step = steps[0]
+    assert math.isfinite(first_step.wall) and first_step.wall > 0
+    assert math.isfinite(first_step.cpu) and first_step.cpu > 0
+    assert first_step.real == expected_real
+    assert steps[1].start - first_step.start >= first_step.wall  # the loop iteration holds the step
 
     hf = b.hf_run("peft", bench, examples, tok, base, 0.0)
-    assert len(hf.steps) == 1 and hf.steps[0][0] > 0
-    assert hf.steps[0][2] == expected_real
-    assert torch.equal(hf.batches[0]["input_ids"], clock.batches[0])  # same rows, order and padding
+    assert len(hf.steps) == 2 and hf.steps[0].wall > 0
+    assert hf.steps[0].real == expected_real
+    assert len(clock.batches) == 2  # the Trainer's loader collates ahead: it holds more
+    for ours, theirs in zip(clock.batches, hf.batches[:2], strict=True):  # same rows, order, padding
+        assert torch.equal(theirs["input_ids"], ours)
 
     packed, _ = b.lrft_run(bench, "packed", 0.05, [])
     rows = pack_examples(examples, max_length)
     assert len(rows) < len(examples)  # rows of several examples: the check below means something
     first_rows = b.plain_order(len(rows))[:batch]
-    assert len(packed) == 1 and packed[0][0] > 0
-    assert packed[0][2] == sum(len(rows[i]["input_ids"]) for i in first_rows)  # pad excluded
+    assert len(packed) == 2 and packed[0].wall > 0
+    assert packed[0].real == sum(len(rows[i]["input_ids"]) for i in first_rows)  # pad excluded
 
 
 def test_variant_overrides_reach_the_lrft_config(tmp_path, bench_module):
