@@ -119,7 +119,7 @@ class Bench:
     data: Path
     batch: int
     max_length: int
-    steps: int  # warmup + timed steps per run
+    steps: int  # optimizer steps per run: warmup + timed + 1 (the last timed step's loop boundary)
     extra: list[str] = field(default_factory=list)  # overrides for every lrft system
 
     def overrides(self, kind: str, dropout: float, out: Path, variant: list[str]) -> list[str]:
