@@ -323,44 +323,6 @@ def hf_run(kind: str, bench: Bench, examples: list[dict], tok: Any, base: Path, 
     return HFRecord(steps, batches)
 
 
-def mask_costs(shape: tuple[int, ...], p: float, repeats: int = 40) -> dict[str, float]:
-    """CPU ms to make and apply one dropout mask, per candidate, on an activation of ``shape``."""
-    from lrft.methods.dropout import drop, new_seed
-
-    x = torch.randn(shape)
-
-    def old_rand() -> torch.Tensor:  # before: rand + ge from a per-call Generator
-        gen = torch.Generator().manual_seed(1234)
-        return x * torch.rand(x.shape, generator=gen).ge_(p).to(x.dtype).div_(1 - p)
-
-    def native_replay() -> torch.Tensor:  # torch's dropout kernel, its RNG state replayed
-        state = torch.get_rng_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(state)
-            return torch.nn.functional.dropout(x, p, True)
-
-    def bool_mask() -> torch.Tensor:  # what a stored 1-byte mask costs to make
-        return x * (torch.rand(x.shape) >= p) * (1 / (1 - p))
-
-    seed = new_seed(x.device)  # lrft's: a hash of (index, seed tensor); 1/(1-p) in the scale
-    candidates = [
-        ("hash (lrft), eager kernel", lambda: drop(x, p, seed, "eager")),
-        ("hash (lrft), fused kernel", lambda: drop(x, p, seed, "fused")),
-        ("rand+ge, Generator (old)", old_rand),
-        ("native dropout + RNG replay", native_replay),
-        ("bool mask (stored)", bool_mask),
-    ]
-    for _, fn in candidates:  # warm-up; compiles the fused kernel
-        fn()
-    times: dict[str, list[float]] = {name: [] for name, _ in candidates}
-    for _ in range(repeats):  # alternating, CPU time of this process (robust to a shared machine)
-        for name, fn in candidates:
-            t = time.process_time()
-            fn()
-            times[name].append(time.process_time() - t)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-
-
 def check_system(name: str) -> str:
     """A system name, or an lrft one with ``+OVERRIDE`` variants (argparse calls this)."""
     if name in SYSTEMS or (name.startswith("lrft ") and name.split("+")[0] in SYSTEMS):
@@ -416,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep data, cache and base here (default: a temp dir)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.masks:
+    if args.masks:  # scripts/bench_dropout_masks.py, on this model's MLP activation
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_dropout_masks import mask_costs
+
         shape = (args.batch, args.max_length, SHAPE["intermediate_size"])
         for name, cost in mask_costs(shape, 0.05).items():
             print(f"mask {name:30s} {cost:8.2f} CPU ms  ({shape}, p=0.05)")
