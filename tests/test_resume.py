@@ -102,8 +102,10 @@ def needs(method: str):
     return pytest.mark.skipif(method not in METHODS, reason=f"method {method} is not registered yet")
 
 
-# lora with dropout: tests/test_resume_packing.py (packed and length-grouped, the same three runs)
-@pytest.mark.parametrize("method", [pytest.param(m, marks=needs(m)) for m in RESUMABLE])
+# lora with dropout: tests/test_resume_packing.py (packed and length-grouped, the same three runs);
+# lora_fa with dropout, killed at step 7 and resumed in fresh processes to the same bits:
+# tests/test_runs.py::test_a_bare_resume_after_sigkill_equals_the_uninterrupted_run
+@pytest.mark.parametrize("method", [pytest.param(m, marks=needs(m)) for m in RESUMABLE if m != "lora_fa"])
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, method):
     """Every run in a fresh process, as a user runs them: the reference, the killed one and the
     resume (a long test session's process state must not decide bit-identity)."""
