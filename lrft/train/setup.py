@@ -146,7 +146,9 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     full_state = None
     if handover is None or handover.source:
         try:
-            model = _load_and_apply(cfg, run_dir, accelerator, tokenizer, train_ex, method, resume_from)
+            model = _load_and_apply(
+                cfg, run_dir, accelerator, tokenizer, train_ex, method, resume_from, defaults
+            )
         except BaseException as err:
             if handover is not None:
                 handover.fail(err)  # the other ranks raise it instead of waiting
@@ -222,6 +224,7 @@ def _load_and_apply(
     train_ex: Any,
     method: Any,
     resume_from: Path | None,
+    defaults: dict[str, list[str]],
 ) -> nn.Module:
     """The model loaded, on its device (unless sharded), with the method applied and, on resume,
     the checkpoint's trainable weights restored: whole tensors, before any sharding or wrapping."""
@@ -241,8 +244,7 @@ def _load_and_apply(
         # it stays on the host, and fully_shard moves it over block by block (lrft.train.sharding)
         model = model.to(accelerator.device)
     _refuse_unsupported(method, model, accelerator)
-    defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
-    collate = Collator(tokenizer, cfg.model.task)
+    collate = Collator(tokenizer, cfg.model.task)  # calibration batches, as training's
 
     def calibration() -> Iterator[dict[str, Any]]:
         device = next(model.parameters()).device
