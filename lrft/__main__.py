@@ -1,3 +1,3 @@
-from lrft.cli import entry
+from lrft.cli.main import entry
 
 entry()

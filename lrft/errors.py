@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 EXIT_USAGE = 2
 
@@ -39,3 +40,9 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     hits = closest(word, options)
     hint = f" Did you mean: {', '.join(hits)}?" if hits else ""
     return f"{hint} Valid: {', '.join(options)}."
+
+
+def one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    """Refuse ``key=value`` unless value is one of ``valid``, naming the closest."""
+    if value not in valid:
+        raise UserError(f"{key}={value!r} is not valid.{did_you_mean(str(value), valid)}")

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from lrft.config import OPTIMIZERS  # the names live with the torch-free schemas
 from lrft.errors import UserError, did_you_mean
+from lrft.schema import OPTIMIZERS
 
 
 def build_optimizer(

@@ -87,11 +87,11 @@ def run(
     """(row, measured bytes, planned bytes or None) for every row."""
     import peft
 
-    from lrft.memory.cli import compose_memory
+    from lrft.cli.memory import compose_memory
     from lrft.memory.plan import Planner
     from lrft.methods.base import ApplyContext
     from lrft.methods.registry import METHODS, get_method
-    from lrft.models import load_model
+    from lrft.model.load import load_model
 
     torch.manual_seed(0)
     ids = torch.randint(5, vocab, (batch_size, length))

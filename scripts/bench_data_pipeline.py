@@ -152,9 +152,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from lrft.config import DataFiles, DatasetConfig
     from lrft.data import Collator, encode_rows, load_rows
     from lrft.data.pipeline import prepare_split
+    from lrft.schema import DataFiles, DatasetConfig
     from lrft.train import EpochSampler
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

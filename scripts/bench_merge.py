@@ -33,7 +33,7 @@ SHAPES = {
     "3B": (3200, 8640, 26, 32, 32),  # OpenLLaMA-3B's shape: ~7 GB in bfloat16, not run by default
 }
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
-MERGE = "import sys; from lrft.merge import merge_main; sys.exit(merge_main(sys.argv[1:]))"
+MERGE = "import sys; from lrft.cli.merge import merge_main; sys.exit(merge_main(sys.argv[1:]))"
 LOAD = (
     "import sys, torch; from transformers import AutoModelForCausalLM; "
     "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto')"
@@ -45,10 +45,10 @@ def make_run(work: Path, size: str, dtype: str) -> tuple[Path, int]:
     from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lrft.checkpoint import save_final
-    from lrft.config import compose
+    from lrft.config.compose import compose
     from lrft.methods import LowRankLinear, get_method
-    from lrft.models import byte_tokenizer
+    from lrft.model.load import byte_tokenizer
+    from lrft.run.final import save_final
 
     hidden, inter, layers, heads, kv = SHAPES[size]
     config = LlamaConfig(

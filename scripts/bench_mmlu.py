@@ -22,10 +22,11 @@ import time
 
 import torch
 
-from lrft.config import DatasetConfig, compose
+from lrft.config.compose import compose
 from lrft.evaluate.mmlu import evaluate_mmlu, plan
 from lrft.evaluate.mmlu_data import SUBJECTS, Question
-from lrft.models import load_model, load_tokenizer
+from lrft.model.load import load_model, load_tokenizer
+from lrft.schema import DatasetConfig
 
 WORDS = ("the", "of", "a", "to", "in", "is", "that", "for", "it", "as", "was", "with", "on", "by", "be")
 

@@ -29,10 +29,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def build(kind: str, dropout: float, kernel: str = "eager") -> torch.nn.Module:
-    from lrft.config import compose
+    from lrft.config.compose import compose
     from lrft.methods.layers import use_dropout_kernel
     from lrft.methods.registry import get_method
-    from lrft.models import load_model
+    from lrft.model.load import load_model
 
     cfg = compose(["model=tiny_llama", "method=lora" if kind == "peft" else f"method={kind}"])
     torch.manual_seed(0)

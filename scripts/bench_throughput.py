@@ -128,7 +128,7 @@ class Bench:
         ]  # fmt: skip
 
     def compose(self, kind: str = "plain", dropout: float = 0.0, variant: list[str] | None = None) -> Any:
-        from lrft.config import compose
+        from lrft.config.compose import compose
 
         return compose(self.overrides(kind, dropout, self.root / "unused", variant or []))
 
@@ -179,7 +179,7 @@ def clocked(clock: LoopClock) -> Iterator[None]:
 
 def lrft_run(bench: Bench, kind: str, dropout: float, variant: list[str]) -> tuple[Steps, LoopClock]:
     """One fresh ``lrft train`` run in-process (its own run folder, removed after)."""
-    from lrft.config import compose
+    from lrft.config.compose import compose
     from lrft.train import train
 
     out = Path(tempfile.mkdtemp(dir=bench.root, prefix="run_"))
@@ -206,9 +206,9 @@ def lrft_system(bench: Bench, name: str, dropout: float) -> Callable[[], Steps]:
 def prepared(bench: Bench) -> tuple[list[dict[str, Any]], Any, Path]:
     """The examples as lrft's pipeline encodes them, its tokenizer, and the random-init base
     lrft's loop builds and saves (one untimed step of "lrft plain")."""
-    from lrft.config import compose
+    from lrft.config.compose import compose
     from lrft.data.pipeline import prepare_split
-    from lrft.models import load_tokenizer
+    from lrft.model.load import load_tokenizer
     from lrft.train import train
 
     cfg = bench.compose()

@@ -102,7 +102,7 @@ class Check:
         """The random bf16 base, built on the device itself (no fp32 copy, no host round trip)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from lrft.config import compose
+        from lrft.config.compose import compose
 
         mcfg = compose([f"model={self.model_cfg}"]).model
         config = AutoConfig.for_model(mcfg.arch, **dict(mcfg.from_config))
@@ -139,7 +139,7 @@ def quantize_nf4(model: torch.nn.Module, device: torch.device) -> torch.nn.Modul
     costs minutes and a second copy of the weights."""
     import bitsandbytes as bnb
 
-    from lrft.quantization import keep_canonical_layout
+    from lrft.model.quantization import keep_canonical_layout
 
     for mod in list(model.model.modules()):
         for child, lin in list(mod.named_children()):
@@ -162,7 +162,7 @@ def quantize_nf4(model: torch.nn.Module, device: torch.device) -> torch.nn.Modul
 
 def predicted_gib(overrides: list[str]) -> float:
     """``lrft memory``'s total for this config (weights + optimizer + step peak), no checkpointing."""
-    from lrft.memory.cli import compose_memory
+    from lrft.cli.memory import compose_memory
     from lrft.memory.plan import Planner
 
     return Planner(compose_memory(overrides)).plan().total(False) / GIB
@@ -220,7 +220,7 @@ def lrft_builder(
     def build() -> tuple[Any, Any]:
         from omegaconf import OmegaConf
 
-        from lrft.config import compose
+        from lrft.config.compose import compose
         from lrft.methods import get_method
         from lrft.methods.base import ApplyContext
         from lrft.methods.layers import use_dropout_kernel
@@ -254,7 +254,7 @@ def init_row(check: Check, method: str, extra: tuple[str, ...]) -> dict:
     """Time ``method.apply`` (injection + data-aware init) on a base already on the device."""
     from omegaconf import OmegaConf
 
-    from lrft.config import compose
+    from lrft.config.compose import compose
     from lrft.methods import get_method
     from lrft.methods.base import ApplyContext
 
@@ -275,7 +275,7 @@ def init_row(check: Check, method: str, extra: tuple[str, ...]) -> dict:
 
 def fp16_row(check: Check) -> dict:
     """A few fp16 steps through lrft's own loop: the GradScaler's overflows are skipped, counted."""
-    from lrft.config import compose
+    from lrft.config.compose import compose
     from lrft.train import train
 
     steps = 3 if check.args.tiny else 30
@@ -301,7 +301,7 @@ def fp16_row(check: Check) -> dict:
 def mask_rows(check: Check, p: float = 0.05, repeats: int = 20) -> list[tuple[str, dict]]:
     """ms per dropout mask applied (forward: x ⊙ keep) on a (batch, length, intermediate) bf16
     activation: lrft's hash eager and fused, and torch's dropout (one kernel, a stored mask)."""
-    from lrft.config import compose
+    from lrft.config.compose import compose
     from lrft.methods.dropout import drop, new_seed
 
     width = int(compose([f"model={check.model_cfg}"]).model.from_config.intermediate_size)

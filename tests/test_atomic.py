@@ -1,4 +1,4 @@
-"""lrft.atomic: the one folder writer behind final states, checkpoints, merge and export."""
+"""lrft.run.atomic: the one folder writer behind final states, checkpoints, merge and export."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lrft.atomic import COMPLETE, StagedDir, remove_stale, staged_dir, staging_path
+from lrft.run.atomic import COMPLETE, StagedDir, remove_stale, staged_dir, staging_path
 
 
 def _names(folder: Path) -> list[str]:
@@ -73,7 +73,7 @@ def test_a_killed_writer_leaves_only_a_hidden_folder_which_the_next_writer_remov
     code = (
         "import os, sys, time\n"
         "from pathlib import Path\n"
-        "from lrft.atomic import staged_dir\n"
+        "from lrft.run.atomic import staged_dir\n"
         "with staged_dir(Path(sys.argv[1])) as tmp:\n"
         "    (tmp / 'half').write_text('h')\n"
         "    print('STAGED', flush=True)\n"

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lrft.config import DatasetConfig
 from lrft.data import encode_rows, load_rows
 from lrft.data.chat import CHATML, encode_conversation, install_template
 from lrft.errors import UserError
-from lrft.models import byte_tokenizer
+from lrft.model.load import byte_tokenizer
+from lrft.schema import DatasetConfig
 
 # ChatML with generation tags: transformers' own return_assistant_tokens_mask is the reference
 TAGGED = (

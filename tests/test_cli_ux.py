@@ -12,17 +12,17 @@ import sys
 import pytest
 from rich.console import Console
 
-from lrft.cli import main
-from lrft.config import compose
+from lrft.cli.help import _show, schema_rows, train_defaults
+from lrft.cli.main import main
+from lrft.config.compose import compose
 from lrft.errors import UserError
-from lrft.help import _show, schema_rows, train_defaults
-from lrft.progress import summary_table
+from lrft.train.progress import summary_table
 
 
 def test_help_and_config_errors_do_not_import_torch():
     code = (
         "import sys\n"
-        "from lrft.cli import main\n"
+        "from lrft.cli.main import main\n"
         "codes = [main(['--help']), main(['train', '--help']), main(['memory', '--help']),\n"
         "         main(['train', 'method=lora_faa']),\n"
         "         main(['train', 'trainer.max_step=3']), main(['train', 'dataset=glue/sst2'])]\n"
@@ -67,8 +67,8 @@ def test_versions_and_info(capsys):
 
 
 def test_merge_and_export_help_are_tables_not_raw_yaml(capsys):
-    from lrft.export import export_main
-    from lrft.merge import merge_main
+    from lrft.cli.export import export_main
+    from lrft.cli.merge import merge_main
 
     assert merge_main(["--help"]) == 0
     text = capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_the_run_path_is_folded_never_cut():
 
 
 def test_verbose_flags_are_global_and_quiet_is_the_default(monkeypatch):
-    from lrft import quiet
+    from lrft.cli import quiet
 
     monkeypatch.delenv("LRFT_VERBOSE", raising=False)
     assert quiet.split_verbose(["train", "-v", "trainer.max_steps=2"]) == (
@@ -115,7 +115,7 @@ def test_verbose_flags_are_global_and_quiet_is_the_default(monkeypatch):
 
 
 def test_offline_hub_ids_fail_at_once_with_one_message(tmp_path):
-    from lrft.hub import cached
+    from lrft.model.hub import cached
 
     if cached("FacebookAI/roberta-base") or cached("nyu-mll/glue", "dataset"):
         pytest.skip("roberta-base or GLUE is in this machine's hub cache")
@@ -143,7 +143,7 @@ def test_offline_hub_ids_fail_at_once_with_one_message(tmp_path):
 def test_an_unreachable_hub_is_probed_once(monkeypatch):
     import socket
 
-    from lrft import hub
+    from lrft.model import hub
 
     for name in hub.OFFLINE_VARS:
         monkeypatch.delenv(name, raising=False)

@@ -5,9 +5,11 @@ import sys
 
 import pytest
 
-from lrft.cli import expand_sweeps, main
-from lrft.config import GROUPS, compose, group_options
+from lrft.cli.main import main
+from lrft.cli.train import expand_sweeps
+from lrft.config.compose import compose, group_options
 from lrft.errors import UserError
+from lrft.schema import GROUPS
 
 DATASET_FOR = {"classification": "glue/sst2", "seq2seq": "glue/sst2", "causal": "quickstart"}
 MODEL_FOR = {"glue": "tiny_roberta", "instruction": "tiny_llama", "chat": "tiny_llama"}

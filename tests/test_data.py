@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lrft.config import DataFiles, DatasetConfig
 from lrft.data import GLUE_TASKS, Collator, TaskSpec, encode_rows, load_rows, num_labels
 from lrft.data.encode import fit
 from lrft.data.instruction import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, build_prompt
 from lrft.errors import UserError
-from lrft.models import byte_tokenizer
+from lrft.model.load import byte_tokenizer
+from lrft.schema import DataFiles, DatasetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "lrft" / "data" / "quickstart"
@@ -377,7 +377,7 @@ def test_hub_loading_path_without_network(monkeypatch):
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr("lrft.hub.require_hub", lambda *a, **k: None)  # as if the hub were reachable
+    monkeypatch.setattr("lrft.model.hub.require_hub", lambda *a, **k: None)  # as if the hub were reachable
     cfg = DatasetConfig(name="glue_mnli", kind="glue", path="nyu-mll/glue", subset="mnli", max_eval_samples=2)
     got = load_rows(cfg, "eval")
     assert calls == [("nyu-mll/glue", "mnli", "validation_matched")]

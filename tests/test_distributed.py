@@ -17,7 +17,7 @@ def test_accelerate_configs_load_and_say_what_they_shard(name):
     """FSDP and DeepSpeed need GPUs: here they are parsed by accelerate's own loader and checked."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from lrft.config import config_dir
+    from lrft.config.compose import config_dir
 
     path = config_dir() / "accelerate" / f"{name}.yaml"
     cfg = load_config_from_file(str(path))

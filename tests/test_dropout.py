@@ -10,7 +10,8 @@ import logging
 import pytest
 import torch
 
-from lrft.config import compose, validate
+from lrft.config.compose import compose
+from lrft.config.validate import validate
 from lrft.errors import UserError
 from lrft.memory.measure import saved_activation_bytes
 from lrft.methods import dropout

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrft.config import compose
-from lrft.evaluate.cli import compose_eval, eval_main
-from lrft.models import load_model, load_tokenizer
+from lrft.cli.eval import compose_eval, eval_main
+from lrft.config.compose import compose
+from lrft.model.load import load_model, load_tokenizer
 from lrft.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,9 +244,9 @@ def test_help_and_exit_code_of_a_real_process(tmp_path):
     assert eval_main(["--help"]) == 0
     # a fresh process: the eval config composes with nothing registered beforehand
     code = (
-        "import sys; from lrft.config import compose\n"
+        "import sys; from lrft.config.compose import compose\n"
         "assert compose(['model=tiny_llama', 'dataset=mmlu'], 'eval').dataset.shots == 5\n"
-        "from lrft.evaluate.cli import eval_main; sys.exit(eval_main(sys.argv[1:]))"
+        "from lrft.cli.eval import eval_main; sys.exit(eval_main(sys.argv[1:]))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, f"checkpoint={tmp_path}"], capture_output=True, text=True, cwd=ROOT

@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lrft.config import DatasetConfig
 from lrft.errors import UserError
 from lrft.evaluate import mmlu, mmlu_data
 from lrft.evaluate.mmlu import Letters, evaluate_mmlu, plan
 from lrft.evaluate.mmlu_data import CATEGORY, SUBJECTS, Question, build_prompt
 from lrft.evaluate.scoring import make_prefix
-from lrft.models import byte_tokenizer
+from lrft.model.load import byte_tokenizer
+from lrft.schema import DatasetConfig
 
 SHOTS = [
     Question("Which year came first?", ("1776", "1812", "1865", "1945"), 0),

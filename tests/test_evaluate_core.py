@@ -17,15 +17,15 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lrft.config import DataFiles, DatasetConfig
 from lrft.data import Collator, encode_rows
 from lrft.data.glue import GLUE_TASKS
 from lrft.evaluate import encode_for_eval, evaluate_model
 from lrft.evaluate.causal_glue import PROMPTS, prompt_text
 from lrft.evaluate.glue import wrong
+from lrft.evaluate.metrics import glue_metrics
 from lrft.evaluate.scoring import Request, continuation_requests, score, special_prefix, tokens_after
-from lrft.metrics import glue_metrics
-from lrft.models import byte_tokenizer
+from lrft.model.load import byte_tokenizer
+from lrft.schema import DataFiles, DatasetConfig
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,10 @@ import torch
 from safetensors import safe_open
 from test_merge import one_thread, train_run  # noqa: F401  (one_thread: autouse fixture)
 
+from lrft.cli.export import export_main
 from lrft.errors import UserError
-from lrft.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MARKER, export_main, write_peft_adapter
+from lrft.export.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_peft_adapter
+from lrft.run.output import MARKER
 
 peft = pytest.importorskip("peft")
 
@@ -101,8 +103,8 @@ def test_export_refuses_a_non_empty_folder_and_full_weights(runs, tmp_path, caps
 
 
 def test_a_layer_whose_factors_do_not_reproduce_its_update_is_refused(runs, tmp_path, monkeypatch):
-    from lrft.checkpoint import load_run
     from lrft.methods.layers import LowRankLinear
+    from lrft.run.final import load_run
 
     loaded = load_run(runs["roberta-lora"])
     # a variant whose update is not the s·B·A of the factors it exports would be exported silently wrong
@@ -124,8 +126,8 @@ def test_layers_named_by_full_path_when_their_names_match_more_layers(tmp_path):
     """Only layer 0's q_proj is adapted: "q_proj" would make PEFT adapt layer 1's too."""
     from transformers import AutoModelForCausalLM
 
-    from lrft.checkpoint import load_run
-    from lrft.merge import logits
+    from lrft.export.merge import logits
+    from lrft.run.final import load_run
 
     run = train_run(
         tmp_path, "tiny_llama", "lora", ("method.target_modules=[model.layers.0.self_attn.q_proj]",)

@@ -12,7 +12,7 @@ import torch
 from launch import torchrun
 from test_loop_invariants import COMMON, SGD, eval_records, final_state, max_diff, run, uneven_data
 
-from lrft.config import compose
+from lrft.config.compose import compose
 from lrft.errors import UserError
 from lrft.train import sharding
 from lrft.train.setup import make_accelerator, setup

@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-from lrft.cli import main
-from lrft.config import compose
+from lrft.cli.generate import run_chat
+from lrft.cli.main import main
+from lrft.config.compose import compose
 from lrft.data.chat import CHATML
-from lrft.generate import GenerateConfig, GenModel, StopStreamer, run_generate
-from lrft.generate_cli import run_chat
-from lrft.merge import merge_run
-from lrft.models import LLAMA_LIKE, byte_tokenizer, load_tokenizer
+from lrft.export.generate import GenerateConfig, GenModel, StopStreamer, run_generate
+from lrft.export.merge import merge_run
+from lrft.model.load import byte_tokenizer, load_tokenizer
+from lrft.model.targets import LLAMA_LIKE
 from lrft.train import train
 
 TINY = {
@@ -196,6 +197,6 @@ def test_eval_scores_the_rows_training_held_out(chat_run, tmp_path):
 
 @pytest.mark.parametrize("text", ["Hello, world", "it's [a] {b} \\n ok?", "ends with \\", "k=v: x"])
 def test_prompt_text_arrives_verbatim(text):
-    from lrft.generate_cli import compose_generate
+    from lrft.cli.generate import compose_generate
 
     assert compose_generate(["checkpoint=RUN", f"prompt={text}"]).prompt == text

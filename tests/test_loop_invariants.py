@@ -14,10 +14,9 @@ import torch
 from launch import torchrun
 from safetensors.torch import load_file
 
-from lrft import faults
-from lrft.config import compose
+from lrft.config.compose import compose
 from lrft.errors import UserError
-from lrft.train import train
+from lrft.train import faults, train
 from lrft.train.policy import resolve_precision
 
 COMMON = [

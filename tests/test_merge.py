@@ -17,13 +17,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lrft.checkpoint import load_run
-from lrft.config import compose, group_options
+from lrft.cli.merge import merge_main
+from lrft.config.compose import compose, group_options
 from lrft.errors import UserError
-from lrft.export import MARKER, SHARD_DELAY_ENV, write_peft_adapter
-from lrft.merge import MergeOptions, dequantize_rest, logits, merge_main, merge_run
+from lrft.export.merge import MergeOptions, dequantize_rest, logits, merge_run
+from lrft.export.peft import write_peft_adapter
 from lrft.methods import METHODS
-from lrft.models import byte_tokenizer, load_model
+from lrft.model.load import byte_tokenizer, load_model
+from lrft.run.final import load_run
+from lrft.run.output import MARKER, SHARD_DELAY_ENV
 from lrft.train import train
 
 MODELS = ("tiny_llama", "tiny_roberta", "tiny_t5")
@@ -302,7 +304,7 @@ def test_refuses_when_the_disk_is_too_small(lora_run, tmp_path, monkeypatch):
 
 def test_a_killed_merge_leaves_no_output(lora_run, tmp_path):
     out = tmp_path / "out"
-    code = "import sys; from lrft.merge import merge_main; sys.exit(merge_main(sys.argv[1:]))"
+    code = "import sys; from lrft.cli.merge import merge_main; sys.exit(merge_main(sys.argv[1:]))"
     args = [f"checkpoint={lora_run}", f"output={out}", "merge.max_shard_size=200KB", "merge.verify=false"]
     env = dict(os.environ, **{SHARD_DELAY_ENV: "30"})
     proc = subprocess.Popen(
@@ -321,7 +323,7 @@ def test_a_killed_merge_leaves_no_output(lora_run, tmp_path):
             proc.kill()
     assert "wrote shard" in line
     assert not out.exists()
-    staging = [p for p in tmp_path.iterdir() if p.name == f".tmp-out-{proc.pid}"]  # lrft.atomic's name
+    staging = [p for p in tmp_path.iterdir() if p.name == f".tmp-out-{proc.pid}"]  # lrft.run.atomic's name
     assert staging and any(staging[0].glob("*.safetensors"))  # the half-written shards stayed hidden
     assert merge_main([f"checkpoint={lora_run}", f"output={out}", "merge.verify=false"]) == 0
     assert out.is_dir() and not staging[0].exists()  # the next merge cleans up after the killed one

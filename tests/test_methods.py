@@ -17,12 +17,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import lrft
-from lrft.config import compose
+from lrft.config.compose import compose
 from lrft.errors import UserError
 from lrft.methods import METHODS, DoraLinear, LowRankLinear, get_method
 from lrft.methods.base import ApplyContext
-from lrft.models import load_model
-from lrft.quantization import dense_weight, is_quantized
+from lrft.model.load import load_model
+from lrft.model.quantization import dense_weight, is_quantized
 
 
 @dataclass(frozen=True)

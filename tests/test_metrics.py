@@ -8,7 +8,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from lrft.errors import UserError
-from lrft.metrics import (
+from lrft.evaluate.metrics import (
     GlueMeter,
     accuracy,
     confusion_metrics,

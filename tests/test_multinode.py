@@ -11,7 +11,7 @@ import torch
 from launch import torchrun_nodes
 from safetensors.torch import load_file
 
-from lrft.config import compose
+from lrft.config.compose import compose
 from lrft.train import train
 
 COMMON = [

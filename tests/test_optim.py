@@ -7,9 +7,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lrft.config import compose
+from lrft.config.compose import compose
 from lrft.methods import get_method
-from lrft.models import load_model
+from lrft.model.load import load_model
 from lrft.optim import GaLoreAdamW, build_optimizer
 
 

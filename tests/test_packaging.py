@@ -37,7 +37,7 @@ def test_wheel_carries_configs_recipes_and_data_and_runs_from_elsewhere(tmp_path
         [
             sys.executable,
             "-c",
-            "import lrft, sys; from lrft.cli import main; print(lrft.__file__); "
+            "import lrft, sys; from lrft.cli.main import main; print(lrft.__file__); "
             "sys.exit(main(['train', 'recipes=lora_fa/roberta_base_mrpc', '--cfg', 'job']))",
         ],
         capture_output=True,

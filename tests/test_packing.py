@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from lrft.config import compose
+from lrft.config.compose import compose
 from lrft.data.collate import IGNORE_INDEX, Collator
 from lrft.data.packing import PackedCollator, batch_token_stats, pack_examples, token_loss_sum
 from lrft.errors import UserError
-from lrft.models import load_model
+from lrft.model.load import load_model
 
 PAD = 0
 

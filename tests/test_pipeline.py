@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrft.config import DataFiles, DatasetConfig, MixSource, compose
+from lrft.config.compose import compose
 from lrft.data import Collator, encode_rows, load_rows
 from lrft.data.pipeline import Examples, prepare_split
 from lrft.errors import UserError
-from lrft.models import byte_tokenizer
+from lrft.model.load import byte_tokenizer
+from lrft.schema import DataFiles, DatasetConfig, MixSource
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "lrft" / "data" / "quickstart"

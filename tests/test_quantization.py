@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 import lrft
-from lrft.config import compose
+from lrft.config.compose import compose
 from lrft.errors import UserError
 from lrft.methods import LowRankLinear
-from lrft.models import load_model
-from lrft.quantization import (
+from lrft.model.load import load_model
+from lrft.model.quantization import (
     SOURCE_ATTR,
     dense_weight,
     from_pretrained_kwargs,

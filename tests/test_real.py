@@ -111,9 +111,9 @@ def chat_file(path: Path, things: list[str], n: int) -> Path:
 def test_smollm2_learns_a_reply_format_and_generate_matches_the_merged_folder(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lrft.config import compose
-    from lrft.generate import GenerateConfig, GenModel, run_generate
-    from lrft.merge import merge_run
+    from lrft.config.compose import compose
+    from lrft.export.generate import GenerateConfig, GenModel, run_generate
+    from lrft.export.merge import merge_run
     from lrft.train import train
 
     held_out = ["sun", "blood"]  # never in the training data: the format must generalise
@@ -167,7 +167,7 @@ def test_smollm2_learns_a_reply_format_and_generate_matches_the_merged_folder(sm
 
 
 def test_minilm_learns_sentiment_as_a_classifier(minilm, tmp_path):
-    from lrft.config import compose
+    from lrft.config.compose import compose
     from lrft.train import train
 
     good, bad = ["wonderful", "great", "lovely", "superb"], ["terrible", "awful", "dreadful", "horrible"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrft.checkpoint import load_run
-from lrft.config import compose, group_options
+from lrft.config.compose import compose, group_options
+from lrft.run.final import load_run
 from lrft.train import train
 
 TINY = {"classification": "tiny_roberta", "seq2seq": "tiny_t5", "causal": "tiny_llama"}

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lrft.cli import main
-from lrft.config import compose
+from lrft.cli.main import main
+from lrft.config.compose import compose
 from lrft.errors import UserError
-from lrft.guards import UntrainedWatch, check_gradients
 from lrft.methods import METHODS
 from lrft.train import train
+from lrft.train.guards import UntrainedWatch, check_gradients
 
 # 40 rows, batch 4, grad_accum 2: 5 optimizer steps per epoch; checkpoints every 3 steps, so the
 # step-6 checkpoint sits mid-epoch and step 12 ends past two epochs.
@@ -166,21 +166,21 @@ def test_corrupt_checkpoint_falls_back_or_fails_clearly(tmp_path, capsys, lora_f
 
 def test_disk_full_stops_before_writing_and_loses_nothing(tmp_path, monkeypatch, lora_fa_ref):
     ref_losses, ref_state = lora_fa_ref
-    import lrft.resume
+    import lrft.train.checkpoint
 
     calls = {"n": 0}
-    real = lrft.resume.free_bytes
+    real = lrft.train.checkpoint.free_bytes
 
     def full_after_first(path):
         calls["n"] += 1
         return real(path) if calls["n"] == 1 else 1024
 
-    monkeypatch.setattr(lrft.resume, "free_bytes", full_after_first)
+    monkeypatch.setattr(lrft.train.checkpoint, "free_bytes", full_after_first)
     out = tmp_path / "full"
     with pytest.raises(UserError, match="Not enough disk space for checkpoint step 6"):
         train(compose(overrides(tmp_path, "lora_fa", out)), out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
-    monkeypatch.setattr(lrft.resume, "free_bytes", real)
+    monkeypatch.setattr(lrft.train.checkpoint, "free_bytes", real)
     resume(tmp_path, "lora_fa", out)
     assert_same_run(out, ref_losses, ref_state)
 

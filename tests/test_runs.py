@@ -21,10 +21,10 @@ import torch
 from omegaconf import OmegaConf
 from test_resume import BASE, data, final_state, losses
 
-from lrft.cli import main
-from lrft.config import compose
+from lrft.cli.main import main
+from lrft.config.compose import compose
 from lrft.errors import Interrupted, UserError
-from lrft.runs import failed_before_training, prepare, resume_command, run_state
+from lrft.run.folder import failed_before_training, prepare, resume_command, run_state
 from lrft.train import train
 
 QUICK = ["trainer.eval_every=0", "trainer.progress=false", "trainer.log_every=1"]

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lrft.config import compose
+from lrft.config.compose import compose
 from lrft.errors import UserError
 from lrft.methods import get_method
-from lrft.models import load_model
+from lrft.model.load import load_model
 from lrft.train.setup import _refuse_unsupported
 
 ONE, TWO = SimpleNamespace(num_processes=1), SimpleNamespace(num_processes=2)

@@ -1,5 +1,5 @@
 """trainer.report_to through accelerate's trackers, each checked offline for the metrics it wrote;
-and the loss plots (lrft.plots, ``lrft plot``)."""
+and the loss plots (lrft.run.plots, ``lrft plot``)."""
 
 import json
 import time
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lrft.cli import main
-from lrft.config import compose
+from lrft.cli.main import main
+from lrft.config.compose import compose
 from lrft.errors import UserError
-from lrft.plots import curve, plot_runs, read_metrics, write_loss_plot
+from lrft.run.plots import curve, plot_runs, read_metrics, write_loss_plot
 from lrft.train import train
 
 STEPS = 4

@@ -10,10 +10,10 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from lrft.cli import main
-from lrft.config import compose
+from lrft.cli.main import main
+from lrft.config.compose import compose
 from lrft.methods import LowRankLinear, get_method
-from lrft.models import byte_tokenizer, load_model
+from lrft.model.load import byte_tokenizer, load_model
 from lrft.train import train
 
 WORDS_POS = ["good", "great", "fine", "nice", "happy", "bright"]
@@ -235,7 +235,7 @@ def test_sweep_makes_one_run_folder_per_job(tmp_path):
 
 @pytest.mark.parametrize("method", ["lora_fa", "full"])
 def test_a_finished_run_reloads_with_the_same_outputs(tmp_path, method):
-    from lrft.checkpoint import load_run
+    from lrft.run.final import load_run
 
     _, result = run(
         tmp_path, [*overrides_for("tiny_roberta", tmp_path), "trainer.max_steps=3", f"method={method}"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lrft.methods.layers import DoraLinear, LowRankLinear
-from lrft.quantization import dense_weight
+from lrft.model.quantization import dense_weight
 
 
 class FakeZero3:
@@ -69,7 +69,7 @@ def test_dora_norm_and_base_offset_read_the_whole_partitioned_weight(monkeypatch
 
 
 def test_checkpoint_gathers_only_the_trainable_partitions(monkeypatch):
-    from lrft.resume import gather_trainable
+    from lrft.train.checkpoint import gather_trainable
 
     model = nn.Sequential(LowRankLinear(nn.Linear(6, 4), r=2, alpha=4))
     model[0].base_layer.weight.requires_grad_(False)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from lrft.config import COMPATIBLE
 from lrft.data.glue import TaskSpec, get_task, label_word, seq2seq_source
 from lrft.data.instruction import build_prompt
 from lrft.errors import UserError
+from lrft.schema import COMPATIBLE
 
 IGNORE_INDEX = -100
 _CHUNK = 1000  # rows per tokenizer call: batched calls are far faster with fast tokenizers

@@ -135,7 +135,7 @@ def _hub_rows(dcfg: Any, split: str, spec: Any) -> tuple[str, list[tuple[int, An
     source = f"{dcfg.path}" + (f" ({dcfg.subset})" if dcfg.subset else "") + f" split '{hub_split}'"
     import datasets
 
-    from lrft.hub import require_hub  # offline: one message now, not a minute of retries
+    from lrft.model.hub import require_hub  # offline: one message now, not a minute of retries
 
     require_hub(dcfg.path, "dataset.path", repo_type="dataset")
     try:

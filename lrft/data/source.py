@@ -73,7 +73,7 @@ class RowSource:
             return self._loaded
         import datasets
 
-        from lrft.hub import require_hub  # offline: one message now, not a minute of retries
+        from lrft.model.hub import require_hub  # offline: one message now, not a minute of retries
 
         require_hub(self.dcfg.path, "dataset.path", repo_type="dataset")
         try:

@@ -15,6 +15,7 @@ import numpy as np
 from torch import nn
 
 from lrft.data.glue import TaskSpec
+from lrft.evaluate.metrics import GlueMeter
 from lrft.evaluate.scoring import (
     OnBatch,
     continuation_requests,
@@ -22,7 +23,6 @@ from lrft.evaluate.scoring import (
     special_prefix,
     tokens_after,
 )
-from lrft.metrics import GlueMeter
 
 ANSWER = "\nAnswer:"
 

@@ -38,7 +38,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``examples`` (from :func:`encode_for_eval`), always with ``n``.
 
-    - classification (GLUE): the task's official metrics (:func:`~lrft.metrics.glue_metrics`)
+    - classification (GLUE): the task's official metrics (:func:`~lrft.evaluate.metrics.glue_metrics`)
       plus ``loss`` (cross-entropy, or MSE for STS-B).
     - seq2seq on GLUE: greedy generation mapped back to labels -> official metrics, ``invalid``
       (generations that are no label; they count as wrong) and the teacher-forced token ``loss``.

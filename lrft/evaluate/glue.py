@@ -1,6 +1,6 @@
 """GLUE with a classification head (RoBERTa) or a generated label word (T5).
 
-Both stream: each batch's predictions go into a :class:`~lrft.metrics.GlueMeter` and are dropped.
+Both stream: each batch's predictions go into a :class:`~lrft.evaluate.metrics.GlueMeter` and are dropped.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from torch import nn
 
 from lrft.data.glue import TaskSpec, label_words, parse_generation
 from lrft.evaluate.losses import seq2seq_loss_sum
+from lrft.evaluate.metrics import GlueMeter
 from lrft.evaluate.shard import Sums, no_merge
-from lrft.metrics import GlueMeter
 
 Batches = Iterable[tuple[dict[str, Any], list[Any] | None]]
 Merge = Callable[[GlueMeter | None, Sums], tuple[GlueMeter | None, Sums]]

@@ -23,6 +23,7 @@ from torch import nn
 
 from lrft.errors import UserError
 from lrft.evaluate import mmlu_data
+from lrft.evaluate.metrics import subject_accuracy
 from lrft.evaluate.mmlu_data import LETTERS, Question
 from lrft.evaluate.scoring import (
     OnBatch,
@@ -35,7 +36,6 @@ from lrft.evaluate.scoring import (
     special_prefix,
     tokens_after,
 )
-from lrft.metrics import subject_accuracy
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 _MIN_SHARED = 32  # tokens: a shorter shared prefix is not worth a cache

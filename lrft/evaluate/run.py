@@ -30,7 +30,7 @@ _SUBJECT_ROWS = 12  # print per-subject MMLU rows up to this many subjects (all 
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate what ``cfg`` (from :func:`lrft.evaluate.cli.compose_eval`) names; returns the
+    """Evaluate what ``cfg`` (from :func:`lrft.cli.eval.compose_eval`) names; returns the
     record written to ``output_dir/eval.json``."""
     started, tick = time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter()
     _seed(int(cfg.seed))
@@ -98,7 +98,7 @@ def load_for_eval(cfg: DictConfig) -> tuple[nn.Module, Any]:
 
     d = cfg.dataset
     if cfg.checkpoint:
-        from lrft.checkpoint import load_run
+        from lrft.run.final import load_run
 
         if cfg.model.task == "classification":  # before loading: the run's head is its dataset's
             from lrft.data import num_labels
@@ -110,7 +110,7 @@ def load_for_eval(cfg: DictConfig) -> tuple[nn.Module, Any]:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:
-        from lrft.models import load_model, load_tokenizer
+        from lrft.model.load import load_model, load_tokenizer
 
         labels = get_task(d.subset).num_labels if cfg.model.task == "classification" else None
         saved = Path(str(cfg.model.name_or_path)).expanduser() / "config.json"

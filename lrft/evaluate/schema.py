@@ -1,15 +1,15 @@
 """The ``lrft eval`` config schema.
 
-configs/eval.yaml types its groups through the schemas :func:`lrft.config.register_schemas` stores
+configs/eval.yaml types its groups through the schemas :func:`lrft.config.compose.register_schemas` stores
 (so ``compose(..., "eval")`` works anywhere, with nothing else to register); this dataclass types
-its top-level keys (:func:`lrft.evaluate.cli.as_eval_config`) and documents them.
+its top-level keys (:func:`lrft.cli.eval.as_eval_config`) and documents them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lrft.config import DatasetConfig, ModelConfig, QuantizationConfig
+from lrft.schema import DatasetConfig, ModelConfig, QuantizationConfig
 
 
 @dataclass

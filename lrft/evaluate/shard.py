@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lrft.metrics import GlueMeter
+from lrft.evaluate.metrics import GlueMeter
 
 Sums = dict[str, float]
 

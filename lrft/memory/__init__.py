@@ -1,8 +1,8 @@
-"""Memory: measure what a step keeps (:mod:`.measure`), run a model on meta (:mod:`.meta`), plan a
-run's memory from its config (:mod:`.plan`) and print the plan (:mod:`.cli`, ``lrft memory``).
+"""Memory: measure what a step keeps (:mod:`.measure`) and plan a run's memory from its config
+(:mod:`.plan`, on the meta device of :mod:`lrft.model.meta`). ``lrft memory`` prints the plan
+(:mod:`lrft.cli.memory`).
 
-The names below are re-exported lazily: ``lrft memory --help`` and ``lrft --help`` import
-:mod:`lrft.memory.cli` through this package, and the measuring modules import torch.
+The names below are re-exported lazily: the measuring modules import torch.
 """
 
 from __future__ import annotations
@@ -17,15 +17,9 @@ _EXPORTS = {
     "activation_profile": "measure",
     "checkpoint_layers": "measure",
     "saved_activation_bytes": "measure",
-    "build_meta_model": "meta",
-    "meta_forward": "meta",
-    "resolve_config": "meta",
     "Plan": "plan",
     "Planner": "plan",
     "optimizer_state_bytes": "plan",
-    "compose_memory": "cli",
-    "memory_main": "cli",
-    "shard_plan": "cli",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,7 @@
 """Plan a run's memory without its weights: the model is built on the META device from its config.
 
 The real model class, the real method (``apply`` injects the layers a run gets) and a real
-forward and backward pass run on meta (:mod:`lrft.memory.meta`) at no cost for any size; what they
+forward and backward pass run on meta (:mod:`lrft.model.meta`) at no cost for any size; what they
 would allocate is counted exactly, not estimated from formulas:
 
 - activations: :func:`lrft.memory.measure.activation_profile` records every tensor autograd keeps, by
@@ -33,7 +33,7 @@ from torch import nn
 
 from lrft.errors import UserError
 from lrft.memory.measure import ActivationProfile, LiveBytes, activation_profile
-from lrft.memory.meta import GLUE_TARGET_TOKENS, build_meta_model, meta_forward, resolve_config
+from lrft.model.meta import GLUE_TARGET_TOKENS, build_meta_model, meta_forward, resolve_config
 
 
 def quantized_bytes(scheme: str, weight: torch.Tensor, double_quant: bool) -> int:
@@ -50,7 +50,7 @@ def _quantized_linears(model: nn.Module, mcfg: Any, qcfg: Any) -> dict[int, nn.L
     """The linear layers bitsandbytes would quantize (everything but the skipped heads)."""
     if qcfg.name == "none":
         return {}
-    from lrft.quantization import skip_modules
+    from lrft.model.quantization import skip_modules
 
     try:
         from transformers.quantizers.quantizers_utils import should_convert_module

@@ -13,9 +13,7 @@ from torch import nn
 
 from lrft.errors import UserError
 from lrft.methods.schemas import MethodConfig
-
-# Layers adapted by "all-linear": every nn.Linear except the output heads, as PEFT does.
-OUTPUT_HEADS = ("lm_head", "classifier", "score", "out_proj", "qa_outputs")
+from lrft.model.targets import OUTPUT_HEADS
 
 
 @dataclass

@@ -17,8 +17,9 @@ from torch import nn
 
 from lrft.methods.base import Method, find_targets
 from lrft.methods.registry import register_method
-from lrft.methods.schemas import GALORE_OPTIMIZER, GaloreConfig
+from lrft.methods.schemas import GaloreConfig
 from lrft.optim import build_optimizer
+from lrft.schema import GALORE_OPTIMIZER
 
 
 @register_method("galore", config=GaloreConfig)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lrft.methods.dropout import drop, new_seed
-from lrft.quantization import dense_weight, set_dense_weight
+from lrft.model.quantization import dense_weight, set_dense_weight
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

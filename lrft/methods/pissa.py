@@ -5,7 +5,7 @@ frozen base becomes the residual W − s·B·A: the output at init is the base's
 takes the exact SVD; N ≥ 1 the fast randomized one (``torch.svd_lowrank``, PEFT's pissa_niter_N).
 
 QPiSSA: with ``quantization=nf4|fp4|int8`` the SVD runs on the FULL-PRECISION weight (read back
-from the checkpoint, see :func:`lrft.quantization.source_weight`) and only the residual is
+from the checkpoint, see :func:`lrft.model.quantization.source_weight`) and only the residual is
 quantized, which loses less than quantizing W first. An already-quantized checkpoint is refused.
 """
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lrft import quantization
 from lrft.errors import UserError
 from lrft.methods.base import ApplyContext
 from lrft.methods.layers import LowRankLinear
 from lrft.methods.lora import Lora
 from lrft.methods.registry import register_method
 from lrft.methods.schemas import PissaConfig
+from lrft.model import quantization
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int | None) -> tuple[torch.Tensor, ...]:

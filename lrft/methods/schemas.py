@@ -13,20 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from lrft.errors import UserError, did_you_mean
+from lrft.schema import COMPUTE_DTYPES, GALORE_OPTIMIZER, QUANT_STORAGE, QUANT_TYPES
 
-QUANT_TYPES = ("none", "nf4", "fp4", "int8")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")  # GaLore's projection sides
 LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 LORA_GA_SCALES = ("stable", "gd", "unit")
-# GaLore lives in the optimizer: under method=galore, AdamW runs as GaLore-AdamW (8-bit too)
-GALORE_OPTIMIZER = {
-    "adamw": "galore_adamw",
-    "galore_adamw": "galore_adamw",
-    "adamw8bit": "galore_adamw8bit",
-    "galore_adamw8bit": "galore_adamw8bit",
-}
 
 
 @dataclass
@@ -146,13 +137,13 @@ def check_pissa(root_cfg: Any) -> None:
 def _prequantized(mcfg: Any) -> bool:
     if not mcfg.name_or_path:
         return False
-    from lrft.quantization import prequantized_checkpoint  # torch: only for quantized PiSSA runs
+    from lrft.model.resolve import prequantized_checkpoint
 
     return prequantized_checkpoint(mcfg)
 
 
 def check_lora_ga(root_cfg: Any) -> None:
-    from lrft.config import one_of
+    from lrft.errors import one_of
 
     check_lora(root_cfg)
     m = root_cfg.method

@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig
 
 from lrft.evaluate import evaluate_model
-from lrft.progress import TrainProgress
-from lrft.resume import save_checkpoint
+from lrft.train.checkpoint import save_checkpoint
+from lrft.train.progress import TrainProgress
 from lrft.train.sharding import is_sharded
 from lrft.train.state import TrainState
 from lrft.train.step import StepResult
@@ -120,7 +120,7 @@ def save(
     accelerator: Any, run_dir: Path, state: TrainState, cfg: DictConfig, setup: Any, writer: bool
 ) -> str | None:
     """A checkpoint of the last completed step (every rank calls this: it holds collectives).
-    ``writer``: this process writes its node's copy (see :mod:`lrft.topology`)."""
+    ``writer``: this process writes its node's copy (see :mod:`lrft.run.topology`)."""
     assert state.snapshot is not None
     pos, rng = state.snapshot
     s = setup

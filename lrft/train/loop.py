@@ -20,18 +20,18 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrft import faults
-from lrft.checkpoint import save_final
 from lrft.errors import Interrupted
-from lrft.export import write_peft_adapter
-from lrft.guards import UntrainedWatch
-from lrft.plots import write_loss_plot
-from lrft.progress import TrainProgress
-from lrft.resume import Position, gather_trainable, load_checkpoint, restore_rng, truncate_metrics
-from lrft.runs import resume_command
-from lrft.topology import topology
+from lrft.export.peft import write_peft_adapter
+from lrft.run.final import save_final
+from lrft.run.folder import resume_command
+from lrft.run.plots import write_loss_plot
+from lrft.run.topology import topology
+from lrft.train import faults
 from lrft.train.callbacks import Logger, run_eval, save
+from lrft.train.checkpoint import Position, gather_trainable, load_checkpoint, restore_rng, truncate_metrics
+from lrft.train.guards import UntrainedWatch
 from lrft.train.policy import StepPolicy
+from lrft.train.progress import TrainProgress
 from lrft.train.setup import make_accelerator, setup, write_run_files
 from lrft.train.sharding import unsharded
 from lrft.train.state import TrainState
@@ -66,7 +66,7 @@ class Run:
 
 
 def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> Run:
-    """Train one composed config (see :func:`lrft.config.compose`), writing the run folder.
+    """Train one composed config (see :func:`lrft.config.compose.compose`), writing the run folder.
 
     The summary holds steps, final train loss, final eval metrics and trainable/total parameters.
     """

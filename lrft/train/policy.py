@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
-from lrft.guards import check_gradients, nan_message
+from lrft.train.guards import check_gradients, nan_message
 from lrft.train.sharding import whole
 from lrft.train.state import TrainState
 from lrft.train.step import StepResult

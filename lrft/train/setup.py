@@ -26,14 +26,14 @@ from lrft.data.packing import MASK_STYLES, PackedCollator, pack_examples
 from lrft.data.pipeline import prepare_split
 from lrft.data.sampling import LengthGroupedSampler
 from lrft.errors import UserError
-from lrft.memory.meta import build_meta_model
 from lrft.methods import get_method
 from lrft.methods.base import ApplyContext
 from lrft.methods.layers import use_dropout_kernel
-from lrft.models import count_parameters, load_model, load_tokenizer, quantize
-from lrft.resume import find_checkpoint, restore_trainable
-from lrft.topology import Topology
+from lrft.model.load import count_parameters, load_model, load_tokenizer, quantize
+from lrft.model.meta import build_meta_model
+from lrft.run.topology import Topology
 from lrft.train import materialize, sharding
+from lrft.train.checkpoint import find_checkpoint, restore_trainable
 from lrft.train.policy import resolve_precision
 from lrft.train.state import EpochSampler
 

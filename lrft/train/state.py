@@ -1,7 +1,7 @@
 """Where a run stands: the position in the data, the step, and what resume must restore.
 
 Resume is exact because the data order depends only on (seed, epoch) and every RNG is captured
-with the position at the end of each optimizer step (see :mod:`lrft.resume`).
+with the position at the end of each optimizer step (see :mod:`lrft.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lrft.resume import Position, capture_rng
+from lrft.train.checkpoint import Position, capture_rng
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrft import faults
 from lrft.data.packing import batch_token_stats
+from lrft.train import faults
 from lrft.train.sharding import no_sync
 
 IGNORE_INDEX = -100

@@ -24,20 +24,19 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from torch import nn
 
-from lrft.errors import EXIT_USAGE, UserError, did_you_mean
-from lrft.export import find_adapted
-from lrft.jobs import (
+from lrft.errors import UserError, did_you_mean
+from lrft.export.peft import find_adapted
+from lrft.model.quantization import dense_weight, is_quantized
+from lrft.model.resolve import prequantized_checkpoint
+from lrft.run.output import (
     check_free_space,
     check_plain_keys,
-    compose_job,
-    print_help,
     refuse_overlap,
     resolve_run,
     say,
     shard_progress,
     staged_output,
 )
-from lrft.quantization import dense_weight, is_quantized, prequantized_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASES = ("original", "dequantized")
@@ -101,7 +100,7 @@ def merge_run(checkpoint: str | Path, output: str | Path, opts: MergeOptions | N
         model.to(out_dtype)
         check_free_space(output, sum(p.numel() * p.element_size() for p in model.parameters()))
         say(f"merged {n_layers} adapted layers into {src.base_path} ({_name(out_dtype)})")
-        from lrft.generate import generation_defaults, run_prompt_format
+        from lrft.export.generate import generation_defaults, run_prompt_format
 
         generation_defaults(model, src.tokenizer)  # stop at the chat template's end-of-turn, as lrft generate
         with shard_progress():
@@ -134,14 +133,14 @@ def merge_run(checkpoint: str | Path, output: str | Path, opts: MergeOptions | N
 
 def load_source(run_dir: Path, cfg: Any, base: str) -> Source:
     """Load the base (``original``: unquantized, as stored; ``dequantized``: quantized as in training),
-    apply the method and load the trained state, exactly as :func:`lrft.checkpoint.load_run` does."""
+    apply the method and load the trained state, exactly as :func:`lrft.run.final.load_run` does."""
     from transformers import AutoTokenizer
 
-    from lrft.checkpoint import TRAINABLE, _method_config, load_state
     from lrft.data import num_labels
     from lrft.methods import get_method
     from lrft.methods.base import ApplyContext
-    from lrft.models import load_model
+    from lrft.model.load import load_model
+    from lrft.run.final import TRAINABLE, _method_config, load_state
 
     method = get_method(cfg.method.name)(_method_config(cfg))
     final = run_dir / "final"
@@ -304,7 +303,7 @@ def verify(
     tolerance: float | None,
 ) -> tuple[float, float]:
     """Reload ``folder`` with plain transformers and compare its logits with ``reference``."""
-    from lrft.models import _auto_class
+    from lrft.model.load import _auto_class
 
     model = _auto_class(task).from_pretrained(folder, dtype="auto")
     got = logits(model.eval(), batch)
@@ -359,17 +358,3 @@ def _dominant_dtype(model: nn.Module) -> torch.dtype:
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def merge_main(argv: list[str]) -> int:
-    """``lrft merge``: Hydra-style ``key=value`` arguments; prints errors and returns 2 on bad input."""
-    if any(a in ("-h", "--help") for a in argv):
-        print_help("merge", MergeJob)
-        return 0
-    try:
-        job = compose_job(argv, "merge", MergeJob)
-        merge_run(job.checkpoint, job.output, job.merge)
-    except UserError as err:
-        say(f"[bold red]error:[/] {err}")
-        return EXIT_USAGE
-    return 0

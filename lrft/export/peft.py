@@ -9,7 +9,7 @@ magnitude vector. ``lora_alpha = scale · r`` with ``use_rslora=false`` keeps PE
 layer's scale whatever lrft's own scaling rule was.
 
 Also here: the ``lrft export`` command; the job and output-folder rules it shares with ``lrft merge``
-are :mod:`lrft.jobs`'s.
+are :mod:`lrft.run.output`'s.
 """
 
 from __future__ import annotations
@@ -24,16 +24,8 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from torch import nn
 
-from lrft.errors import EXIT_USAGE, UserError
-from lrft.jobs import (
-    MARKER,  # noqa: F401 - re-exported: lrft.export.MARKER is where tests and scripts look
-    SHARD_DELAY_ENV,  # noqa: F401
-    check_output,
-    compose_job,
-    print_help,
-    refuse_overlap,
-    resolve_run,
-    say,
+from lrft.errors import UserError
+from lrft.run.output import (
     staged_output,
 )
 
@@ -196,30 +188,3 @@ class ExportJob:
     checkpoint: str = MISSING  # the run folder (RUN_DIR, or RUN_DIR/final)
     output: str = MISSING  # the folder to write the PEFT adapter into
     export: ExportOptions = field(default_factory=ExportOptions)
-
-
-def export_main(argv: list[str]) -> int:
-    """``lrft export``: Hydra-style ``key=value`` arguments; prints errors and returns 2 on bad input."""
-    if any(a in ("-h", "--help") for a in argv):
-        print_help("export", ExportJob)
-        return 0
-    try:
-        from lrft.checkpoint import load_run
-
-        job = compose_job(argv, "export", ExportJob)
-        run_dir = resolve_run(job.checkpoint)
-        output = Path(job.output).resolve()
-        refuse_overlap(output, run_dir)
-        check_output(output, job.export.overwrite)
-        run = load_run(run_dir)
-        base = run.cfg.model.name_or_path or str(run_dir / "base")
-        if write_peft_adapter(run.model, run.method, run.cfg, output, base_path=base) is None:
-            raise UserError(
-                f"method '{run.method.name}' trains the weights themselves: there is no adapter to export "
-                "(`lrft merge` writes the trained model)."
-            )
-    except UserError as err:
-        say(f"[bold red]error:[/] {err}")
-        return EXIT_USAGE
-    say(f"wrote PEFT adapter {output}")
-    return 0

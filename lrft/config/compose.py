@@ -1,4 +1,4 @@
-"""Every config group's schema (:mod:`lrft.config_schema`), registered in Hydra's ConfigStore.
+"""Every config group's schema (:mod:`lrft.schema`), registered in Hydra's ConfigStore.
 
 Each YAML option extends its group's schema (``defaults: [/schema/<group>/<name>@_here_]``), so a
 misspelled key in a YAML file or on the command line fails at composition. :func:`compose` turns
@@ -15,23 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lrft.config_schema import (  # noqa: F401 - re-exported: lrft.config is their public home
-    COMPATIBLE,
-    DATASET_KINDS,
-    GROUP_SCHEMAS,
-    GROUPS,
-    OPTIMIZERS,
-    TASKS,
-    DataFiles,
-    DatasetConfig,
-    MixSource,
-    ModelConfig,
-    OptimizerConfig,
-    QuantizationConfig,
-    TrainConfig,
-    TrainerConfig,
-)
-from lrft.errors import UserError, closest, did_you_mean
+from lrft.config.validate import validate
+from lrft.errors import UserError, did_you_mean
+from lrft.model.resolve import checkpoint_name
+from lrft.schema import GROUP_SCHEMAS, GROUPS, TrainConfig, TrainerConfig
 
 
 def config_dir() -> Path:
@@ -44,7 +31,7 @@ def _packaged() -> bool:
 
 
 def _repo_configs() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs"
+    return Path(__file__).resolve().parents[2] / "configs"
 
 
 def searchpath_override() -> str:
@@ -59,7 +46,7 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
 
 def recipes_dir() -> Path:
     packaged = Path(str(resources.files("lrft"))) / "recipes"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 
 
 def register_schemas() -> None:
@@ -70,7 +57,9 @@ def register_schemas() -> None:
 
     if not OmegaConf.has_resolver("bundled"):
         # ${bundled:quickstart/train.jsonl}: a data file shipped inside the package
-        OmegaConf.register_new_resolver("bundled", lambda rel: str(Path(__file__).parent / "data" / rel))
+        OmegaConf.register_new_resolver(
+            "bundled", lambda rel: str(Path(__file__).resolve().parents[1] / "data" / rel)
+        )
     if not OmegaConf.has_resolver("checkpoint_name"):
         # model=hf: the run is named after the checkpoint's folder / hub id
         OmegaConf.register_new_resolver("checkpoint_name", checkpoint_name)
@@ -82,14 +71,6 @@ def register_schemas() -> None:
         cs.store(group=f"schema/{group}", name="base", node=schema)
     for name, spec in METHODS.items():
         cs.store(group="schema/method", name=name, node=spec.config)
-
-
-def checkpoint_name(name_or_path: Any) -> str:
-    """A run label from a folder or hub id: its last path component (``org/Model-1B`` -> ``Model-1B``)."""
-    if not name_or_path:
-        return "hf"
-    last = Path(str(name_or_path).rstrip("/\\")).name or "hf"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", last)
 
 
 def run_stamp() -> str:
@@ -131,7 +112,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
     if config_name == "train":
         validate(cfg)
     elif config_name == "memory":  # train's groups: model=hf's task and targets come from the checkpoint
-        from lrft.models import resolve_model_config
+        from lrft.model.resolve import resolve_model_config
 
         resolve_model_config(cfg)
     absolute_paths(cfg)
@@ -262,125 +243,3 @@ def _keys_of(parent: str, overrides: list[str], config_name: str) -> list[str]:
         return []
     finally:
         GlobalHydra.instance().clear()
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check values and combinations that a schema's types cannot express."""
-    if "model" not in cfg:  # eval/merge configs validate their own parts
-        return
-    _check_keys(cfg)
-    m, d, t = cfg.model, cfg.dataset, cfg.trainer
-    one_of("dataset.kind", d.kind, DATASET_KINDS)
-    if m.name_or_path is None and m.from_config is None:
-        raise UserError(f"model '{m.name}' has neither name_or_path nor from_config: set model.name_or_path.")
-    open_task = OmegaConf.is_missing(m, "task") or m.task is None
-    if open_task or (not list(m.target_modules) and m.name_or_path):
-        from lrft.models import resolve_model_config  # torch: only when the checkpoint must decide
-
-        resolve_model_config(cfg)  # model=hf: task, targets from the checkpoint (before any data encoding)
-    one_of("model.task", m.task, TASKS)
-    one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
-    one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
-    if t.mixed_precision is not None:
-        one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
-    one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
-    one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
-    one_of("trainer.sharding", t.get("sharding", "none"), ("none", "fsdp2"))
-    one_of(
-        "trainer.compile_backend",
-        t.get("compile_backend", "inductor"),
-        ("inductor", "aot_eager", "cudagraphs"),
-    )
-    one_of("trainer.dropout_kernel", t.get("dropout_kernel", "auto"), ("auto", "eager", "fused"))
-    if d.eval_holdout < 0:
-        raise UserError(
-            f"dataset.eval_holdout must be >= 0 (a fraction < 1 or a row count), got {d.eval_holdout}."
-        )
-    if (m.task, d.kind) not in COMPATIBLE:
-        works = "; ".join(f"{a} model + {b} data ({how})" for (a, b), how in COMPATIBLE.items())
-        raise UserError(
-            f"model '{m.name}' ({m.task}) cannot train on dataset '{d.name}' ({d.kind}). "
-            f"Combinations that work: {works}."
-        )
-    if d.get("packing") and m.task != "causal":
-        raise UserError(
-            f"dataset.packing=true needs a causal (decoder-only) model; model '{m.name}' is a {m.task} "
-            "model: an encoder or encoder-decoder attends across a whole row, so packed examples would "
-            "see each other. Set dataset.packing=false (trainer.group_by_length=true also cuts padding)."
-        )
-    for key in ("batch_size", "grad_accum"):
-        if t[key] < 1:
-            raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")
-    if t.max_steps == 0 or t.max_steps < -1:
-        raise UserError(
-            f"trainer.max_steps={t.max_steps} would train nothing: set trainer.max_steps > 0, or -1 to "
-            "train for trainer.epochs epochs."
-        )
-    if t.max_steps <= 0 and t.epochs <= 0:
-        raise UserError("Set trainer.max_steps > 0 or trainer.epochs > 0.")
-    check_report_to(t.report_to)
-    if d.streaming and t.max_steps <= 0:
-        raise UserError(
-            "dataset.streaming=true reads the train rows lazily, so an epoch's length is unknown: "
-            "set trainer.max_steps > 0."
-        )
-    if d.num_proc < 1:
-        raise UserError(f"dataset.num_proc must be >= 1, got {d.num_proc}.")
-    if cfg.optimizer.lr <= 0:
-        raise UserError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}.")
-    from lrft.methods.registry import validate_method
-
-    validate_method(cfg)
-
-
-# trainer.report_to: accelerate's tracker name -> (package to install, accelerate's availability check)
-TRACKERS = {
-    "tensorboard": ("tensorboard", "is_tensorboard_available"),
-    "wandb": ("wandb", "is_wandb_available"),
-    "mlflow": ("mlflow-skinny", "is_mlflow_available"),
-}
-
-
-def check_report_to(value: str | None) -> None:
-    """A known tracker whose package is installed (accelerate would fail later, mid-setup)."""
-    if value is None:
-        return
-    if value not in TRACKERS:
-        raise UserError(
-            f"trainer.report_to={value!r} is not valid (null: no tracker)."
-            f"{did_you_mean(str(value), tuple(TRACKERS))}"
-        )
-    import accelerate.utils
-
-    package, check = TRACKERS[value]
-    if not getattr(accelerate.utils, check)():
-        raise UserError(f"trainer.report_to={value} needs the {package} package: pip install {package}")
-
-
-def _check_keys(cfg: DictConfig) -> None:
-    """Keys added with ``+group.key=...`` bypass Hydra's struct check: hold them to the schema too."""
-    from dataclasses import fields
-
-    from lrft.methods.registry import METHODS
-
-    schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig)
-    if cfg.method.name not in METHODS:
-        raise UserError(f"Unknown method '{cfg.method.name}'.{did_you_mean(cfg.method.name, METHODS)}")
-    schemas["method"] = METHODS[cfg.method.name].config
-    for group, schema in schemas.items():
-        valid = [f.name for f in fields(schema)]
-        for key in cfg[group]:
-            if key not in valid:
-                raise UserError(f"Unknown config key '{group}.{key}'.{did_you_mean(str(key), valid)}")
-    extra = set(cfg.keys()) - {f.name for f in fields(TrainConfig)}
-    if extra:
-        raise UserError(f"Unknown config key '{sorted(extra)[0]}'.{did_you_mean(sorted(extra)[0], GROUPS)}")
-
-
-def one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
-    """Refuse ``key=value`` unless value is one of ``valid``, naming the closest."""
-    if value not in valid:
-        raise UserError(f"{key}={value!r} is not valid.{did_you_mean(str(value), valid)}")
-
-
-__all__ = ["TrainConfig", "closest", "compose", "config_dir", "group_options", "validate"]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
+from lrft.model.resolve import config_quantization
 
 QUANT_TYPES = ("none", "nf4", "fp4", "int8")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,7 +49,7 @@ def check(root_cfg: Any) -> None:
 
 def skip_modules(mcfg: Any) -> list[str]:
     """Modules kept in full precision: output heads and whatever trains fully (a task head)."""
-    from lrft.methods.base import OUTPUT_HEADS
+    from lrft.model.targets import OUTPUT_HEADS
 
     return sorted({*OUTPUT_HEADS, *(mcfg.modules_to_save or [])})
 
@@ -130,7 +131,7 @@ def attach_checkpoint_sources(model: nn.Module, name_or_path: str, revision: str
     checkpoint get no source (there is no full-precision weight to read).
     """
     folder = _checkpoint_folder(name_or_path, revision)
-    if folder is None or _config_quantization(folder) is not None:
+    if folder is None or config_quantization(folder) is not None:
         return
     index = _safetensors_index(folder)
     if not index:
@@ -171,13 +172,6 @@ def _checkpoint_folder(name_or_path: str, revision: str | None) -> Path | None:
         return None
 
 
-def _config_quantization(folder: Path) -> Any:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError):
-        return None
-
-
 def _safetensors_index(folder: Path) -> dict[str, Path]:
     index_file = folder / "model.safetensors.index.json"
     if index_file.is_file():
@@ -203,22 +197,6 @@ def _match_key(module_name: str, index: dict[str, Path]) -> str | None:
         if len(hits) > 1:
             return None  # ambiguous: better no source than the wrong layer's weight
     return None
-
-
-def prequantized_checkpoint(mcfg: Any) -> bool:
-    """Whether ``model.name_or_path`` holds already-quantized weights (no full precision to read)."""
-    if not mcfg.name_or_path:
-        return False
-    folder = Path(mcfg.name_or_path)
-    if folder.is_dir():
-        return _config_quantization(folder) is not None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(mcfg.name_or_path, "config.json", revision=mcfg.revision)
-    except Exception:
-        return False
-    return isinstance(cached, str) and _config_quantization(Path(cached).parent) is not None
 
 
 def _bnb() -> Any:
@@ -345,7 +323,6 @@ __all__ = [
     "finish_pretrained",
     "from_pretrained_kwargs",
     "is_quantized",
-    "prequantized_checkpoint",
     "quantize_built",
     "set_dense_weight",
     "source_weight",

@@ -1,5 +1,5 @@
 """Dataclass schemas of ``lrft train``'s config groups (model, quantization, optimizer, dataset,
-trainer) and the names valid in them. Torch-free, like :mod:`lrft.config`, which registers them in
+trainer) and the names valid in them. Torch-free, like :mod:`lrft.config.compose`, which registers them in
 Hydra's ConfigStore, composes and validates; their public names are re-exported there.
 """
 
@@ -45,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    """Base weights stored by bitsandbytes (see lrft.quantization); the adapters stay float32."""
+    """Base weights stored by bitsandbytes (see lrft.model.quantization); the adapters stay float32."""
 
     name: str = "none"  # none | nf4 | fp4 | int8
     compute_dtype: str = "bfloat16"  # 4-bit matmuls dequantize to this: float32 | bfloat16 | float16
@@ -140,7 +140,7 @@ class TrainerConfig:
     untrained_warn_steps: int = 20  # warn if zero-initialised adapters (B) are still zero by then
     overwrite: bool = False  # replace a finished run at output_dir (only the files lrft wrote)
     # several nodes: is output_dir one folder for all (true), each node's own disk (false), or
-    # null: detected at start (see lrft.topology)
+    # null: detected at start (see lrft.run.topology)
     shared_fs: bool | None = None
     group_by_length: bool = False  # batches of similar lengths (lrft.data.sampling); see dataset.packing
     compile: bool = False  # torch.compile the model (the low-rank layer has no graph breaks)
@@ -173,3 +173,21 @@ GROUP_SCHEMAS: dict[str, type] = {
     "dataset": DatasetConfig,
 }
 GROUPS = ("model", "method", "quantization", "optimizer", "dataset")
+
+
+QUANT_TYPES = ("none", "nf4", "fp4", "int8")
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
+
+
+# GaLore lives in the optimizer: under method=galore, AdamW runs as GaLore-AdamW (8-bit too)
+GALORE_OPTIMIZER = {
+    "adamw": "galore_adamw",
+    "galore_adamw": "galore_adamw",
+    "adamw8bit": "galore_adamw8bit",
+    "galore_adamw8bit": "galore_adamw8bit",
+}

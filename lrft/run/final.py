@@ -1,7 +1,7 @@
 """Run-folder state on disk: the final trainable state, and rebuilding a finished run from it
-(training checkpoints are :mod:`lrft.resume`'s; PEFT adapters are :mod:`lrft.export`'s).
+(training checkpoints are :mod:`lrft.train.checkpoint`'s; PEFT adapters are :mod:`lrft.export.peft`'s).
 
-Written through :func:`lrft.atomic.staged_dir` (a temporary sibling, flushed, renamed into place,
+Written through :func:`lrft.run.atomic.staged_dir` (a temporary sibling, flushed, renamed into place,
 marked complete last), so a killed process never leaves a folder that looks finished. Weights go
 through safetensors only.
 """
@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lrft.atomic import COMPLETE, staged_dir
 from lrft.errors import UserError
+from lrft.run.atomic import COMPLETE, staged_dir
 
 TRAINABLE = "trainable.safetensors"
 
@@ -78,7 +78,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     from lrft.data import num_labels
     from lrft.methods import get_method
     from lrft.methods.base import ApplyContext
-    from lrft.models import load_model
+    from lrft.model.load import load_model
 
     run_dir = Path(run_dir)
     final = run_dir / "final"

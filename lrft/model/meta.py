@@ -66,7 +66,7 @@ def resolve_config(mcfg: Any, num_labels: int | None) -> tuple[Any, str]:
     """The model's transformers config and where it came from, without downloading weights."""
     from transformers import AutoConfig
 
-    from lrft.models import head_kwargs
+    from lrft.model.load import head_kwargs
 
     kw = head_kwargs(mcfg.task, num_labels)
     if not mcfg.name_or_path:

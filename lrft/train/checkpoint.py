@@ -23,10 +23,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from lrft import faults
-from lrft.atomic import StagedDir
-from lrft.checkpoint import COMPLETE, TRAINABLE, load_state, method_config, save_state
 from lrft.errors import UserError
+from lrft.run.atomic import StagedDir
+from lrft.run.final import COMPLETE, TRAINABLE, load_state, method_config, save_state
+from lrft.train import faults
 
 OPTIM = "optim.pt"
 STATE = "state.json"
@@ -112,7 +112,7 @@ def save_checkpoint(
     """Write ``checkpoints/step-N`` atomically (every rank calls this; rank files are per rank).
 
     ``writer``: whether this process writes the shared files (trainable, optimizer, manifest):
-    global rank 0 by default; on node-local disks each node's local rank 0 (:mod:`lrft.topology`).
+    global rank 0 by default; on node-local disks each node's local rank 0 (:mod:`lrft.run.topology`).
     """
     final = run_dir / "checkpoints" / f"step-{pos.step:08d}"
     # one staging name every rank computes: each writes its own files into it before the commit
@@ -263,7 +263,7 @@ def find_checkpoint(run_dir: Path, resume: str, accelerator: Any = None) -> Path
             warnings.warn(f"skipping checkpoint {ckpt}: {problem}; trying an older one", stacklevel=2)
     if not many:
         return intact[0] if intact else None
-    from lrft.topology import agree_on_checkpoint
+    from lrft.run.topology import agree_on_checkpoint
 
     return agree_on_checkpoint(accelerator, run_dir, intact)
 

@@ -14,6 +14,12 @@ from collections.abc import Mapping
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+out = Console()
+
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 
 
@@ -128,7 +134,8 @@ def train_defaults() -> tuple[dict[str, str], dict[str, Any]]:
     """
     import yaml
 
-    from lrft.config import GROUPS, config_dir
+    from lrft.config.compose import config_dir
+    from lrft.schema import GROUPS
 
     root = config_dir()
     train = yaml.safe_load((root / "train.yaml").read_text()) or {}
@@ -150,3 +157,66 @@ def train_defaults() -> tuple[dict[str, str], dict[str, Any]]:
             values.update(flatten(data, f"{group}."))
     values.update(flatten({k: v for k, v in train.items() if k not in ("defaults", "hydra")}))
     return choices, values
+
+
+def print_train_help() -> None:
+    """Config groups and every trainer key with its EFFECTIVE default: the one ``lrft train``
+    runs with (the default dataset config sets its own trainer values)."""
+    from lrft.cli.help import schema_table, train_defaults
+    from lrft.config.compose import group_options
+    from lrft.schema import GROUPS, TrainerConfig
+
+    choices, values = train_defaults()
+    out.print("[bold]lrft train[/] " + escape("[group=option ...] [group.key=value ...] [-m] [--cfg job]\n"))
+    table = Table(title="config groups (defaults in bold)", show_lines=False)
+    table.add_column("group")
+    table.add_column("options")
+    for group in GROUPS:
+        opts = [f"[bold]{o}[/]" if o == choices.get(group) else o for o in group_options(group)]
+        table.add_row(group, ", ".join(opts))
+    out.print(table)
+    dataset = choices.get("dataset", "?")
+    title = f"trainer.* keys (defaults as `lrft train` runs them, with dataset={dataset})"
+    out.print(schema_table(title, TrainerConfig, "trainer.", values))
+    also = [
+        f"{k}={v}"
+        for k, v in values.items()
+        if k in ("optimizer.lr", "dataset.max_length", "dataset.prompt_template")
+    ]
+    out.print(
+        (f"Also set by dataset={dataset}: {', '.join(also)}.\n" if also else "")
+        + "Each group's keys: `lrft train --cfg job` prints them all, e.g. method.r, method.alpha,\n"
+        "method.dropout, method.target_modules, optimizer.lr, dataset.data_files.train, model.name_or_path.\n"
+        "Resume a stopped run with `lrft train output_dir=RUN trainer.resume=auto` (its own config).\n"
+        "Global flags: -v/--verbose (or verbose=true) shows third-party progress bars and warnings.\n"
+        "Hydra's own flags: --cfg job|hydra|all, -m/--multirun, --info, --hydra-help.\n\nexamples:",
+        highlight=False,
+        markup=False,
+    )
+    out.print(EXAMPLES, markup=False, highlight=False)
+
+
+def print_versions() -> None:
+    """lrft's version and its key dependencies', read from the installed metadata (no imports)."""
+    from importlib import metadata
+
+    from lrft import __version__
+
+    out.print(f"lrft {__version__}", highlight=False)
+    for pkg in ("torch", "transformers", "accelerate", "peft", "datasets", "hydra-core", "bitsandbytes"):
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        out.print(f"  {pkg} {version}", highlight=False)
+
+
+EXAMPLES = """\
+  lrft train                                       quickstart: tiny LLaMA, LoRA-FA, bundled data, CPU
+  lrft train method=lora_fa model=llama7b dataset=alpaca
+  lrft train model=tiny_roberta dataset=glue/sst2 dataset.data_files.train=train.jsonl \\
+             dataset.data_files.validation=dev.jsonl
+  lrft train model=hf model.name_or_path=DIR dataset=chat dataset.data_files.train=chats.jsonl
+  lrft generate checkpoint=runs/RUN prompt="Name three colors"
+  lrft train -m method=lora,lora_fa method.r=4,8   sweep: one run folder per job
+  lrft train model=llama7b --cfg job               print the composed config and exit"""

@@ -199,7 +199,7 @@ def resume_overrides(run_dir: Path, given: list[str], say: Any = print, finished
     """
     from omegaconf import OmegaConf
 
-    from lrft.config import compose
+    from lrft.config.compose import compose
 
     saved = saved_overrides(run_dir)
     if saved is None and finished:
@@ -250,7 +250,7 @@ def _pinned(override: str, run_dir: Path) -> str:
     typed in another folder must not point somewhere else at resume."""
     from omegaconf import OmegaConf
 
-    from lrft.config import PATH_KEYS
+    from lrft.config.compose import PATH_KEYS
 
     key = _key(override)
     if key not in PATH_KEYS or not (run_dir / "config.yaml").is_file():

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrft.config import checkpoint_name  # noqa: F401 - re-exported (torch-free home)
 from lrft.errors import UserError
+from lrft.model.resolve import looks_like_path
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]  # ids 0..4, then the 256 bytes
 BYTE_VOCAB = len(SPECIALS) + 256
@@ -97,7 +97,7 @@ def load_tokenizer(mcfg: Any) -> Any:
     if source is None or source == "byte":
         tok = byte_tokenizer(mcfg.arch or "llama")
     else:
-        from lrft.hub import require_hub  # offline: one message now, not a minute of retries
+        from lrft.model.hub import require_hub  # offline: one message now, not a minute of retries
 
         require_hub(
             source, "model.tokenizer" if mcfg.tokenizer else "model.name_or_path", revision=mcfg.revision
@@ -169,13 +169,13 @@ def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn
             load_kw["attn_implementation"] = mcfg.attn_implementation
         quantized = qcfg is not None and qcfg.name != "none"
         if quantized:
-            from lrft.quantization import from_pretrained_kwargs
+            from lrft.model.quantization import from_pretrained_kwargs
 
             load_kw.update(from_pretrained_kwargs(qcfg, mcfg))
         where = str(mcfg.name_or_path)
         if looks_like_path(where) and not Path(where).expanduser().exists():
             raise UserError(f"model.name_or_path={where}: folder not found.")
-        from lrft.hub import require_hub  # offline: one message now, not a minute of retries
+        from lrft.model.hub import require_hub  # offline: one message now, not a minute of retries
 
         require_hub(mcfg.name_or_path, "model.name_or_path", revision=mcfg.revision)
         try:
@@ -186,7 +186,7 @@ def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn
                 "Offline? Point model.name_or_path at a local folder, or use a tiny_* model."
             ) from None
         if quantized:
-            from lrft.quantization import finish_pretrained
+            from lrft.model.quantization import finish_pretrained
 
             finish_pretrained(model, mcfg)
         return model
@@ -205,7 +205,7 @@ def quantize(model: nn.Module, mcfg: Any, qcfg: Any) -> nn.Module:
     """Quantize a model built in memory (the random-init tiny ones) as ``qcfg`` says; no-op for none."""
     if qcfg is None or qcfg.name == "none":
         return model
-    from lrft.quantization import quantize_built
+    from lrft.model.quantization import quantize_built
 
     dtype = _DTYPES.get(mcfg.dtype, torch.float32)
     return quantize_built(model, _auto_class(mcfg.task), qcfg, mcfg, dtype)
@@ -219,142 +219,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- model=hf: any checkpoint
-
-# default adapter targets by transformers ``model_type``; anything else: every linear layer but heads
-LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGET_GROUPS: list[tuple[tuple[str, ...], list[str]]] = [
-    (
-        (
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "qwen3_moe",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-            "olmo",
-            "olmo2",
-            "granite",
-            "smollm3",
-            "cohere",
-        ),
-        LLAMA_LIKE,
-    ),
-    (("phi3",), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
-    (("phi",), ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
-    (("bert", "roberta", "xlm-roberta", "electra", "camembert", "deberta", "deberta-v2"), ["query", "value"]),
-    (("t5", "mt5", "umt5"), ["q", "v"]),
-    (("bart", "mbart"), ["q_proj", "v_proj"]),
-]
-TARGETS_BY_TYPE = {kind: names for kinds, names in TARGET_GROUPS for kind in kinds}
-ENCODER_TYPES = (
-    "bert",
-    "roberta",
-    "xlm-roberta",
-    "electra",
-    "camembert",
-    "deberta",
-    "deberta-v2",
-    "distilbert",
-    "albert",
-    "mpnet",
-    "modernbert",
-)
-CLASSIFICATION_HEADS = ["classifier", "score"]  # trained in full with a fresh head
-
-
-def looks_like_path(name_or_path: str) -> bool:
-    """True for what can only be a folder (``./x``, ``/x``, ``~/x``, ``a/b/c``); a bare ``org/name``
-    may be a hub id."""
-    s = name_or_path
-    return s.startswith(("/", ".", "~")) or s.endswith("/") or s.count("/") > 1 or "\\" in s
-
-
-def checkpoint_config(name_or_path: str, revision: str | None = None, remote_code: bool = False) -> Any:
-    """The checkpoint's ``config.json`` as a transformers config; a missing folder is named as such."""
-    from transformers import AutoConfig
-
-    folder = Path(name_or_path).expanduser()
-    if not folder.exists() and looks_like_path(name_or_path):
-        raise UserError(f"model.name_or_path={name_or_path}: folder not found.")
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        raise UserError(
-            f"model.name_or_path={name_or_path}: the folder has no config.json (not a checkpoint)."
-        )
-    try:
-        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=remote_code)
-    except (OSError, ValueError) as err:
-        where = "" if folder.exists() else "folder not found here, and as a hub id: "
-        raise UserError(
-            f"model.name_or_path={name_or_path}: {where}{str(err).splitlines()[0]}\n"
-            "Offline? Point model.name_or_path at a local folder."
-        ) from None
-
-
-def infer_task(config: Any, dataset_kind: str) -> str:
-    """causal for decoder-only, seq2seq for encoder-decoder, classification for encoders on GLUE."""
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    if config.model_type in ENCODER_TYPES or "ForMaskedLM" in archs or "ForSequenceClassification" in archs:
-        if dataset_kind != "glue":
-            raise UserError(
-                f"{config.model_type} is an encoder-only model: it trains on GLUE-style classification "
-                f"data (dataset=glue/...), not on {dataset_kind} data. Or set model.task= explicitly."
-            )
-        return "classification"
-    return "causal"
-
-
-def default_targets(config: Any) -> list[str]:
-    return list(TARGETS_BY_TYPE.get(config.model_type, ["all-linear"]))
-
-
-def resolve_model_config(cfg: Any) -> Any:
-    """Fill what ``model=hf`` leaves open from the checkpoint itself, in place; returns ``cfg``.
-
-    Task (unless ``model.task`` is set), adapter targets (unless ``model.target_modules`` is set)
-    and, for classification, the head trained in full. Presets (llama7b, tiny_*) pass through.
-    Prints the choices once, so a run's log says what was inferred.
-    """
-    from omegaconf import OmegaConf, open_dict
-
-    m = cfg.model
-    open_task = OmegaConf.is_missing(m, "task") or m.task is None
-    if not open_task and (list(m.target_modules) or not m.name_or_path):
-        return cfg  # a preset: everything is said
-    if not m.name_or_path:
-        raise UserError(
-            f"model '{m.name}' needs model.name_or_path=HUB_ID_OR_FOLDER (a transformers checkpoint)."
-        )
-    config = checkpoint_config(str(m.name_or_path), m.revision, m.trust_remote_code)
-    notes = []
-    with open_dict(m):
-        if open_task:
-            m.task = infer_task(config, str(cfg.dataset.kind))
-            notes.append(f"task {m.task} ({config.model_type})")
-        if not list(m.target_modules):
-            m.target_modules = default_targets(config)
-            notes.append(f"target modules {', '.join(m.target_modules)}")
-        if m.task == "classification" and not list(m.modules_to_save):
-            m.modules_to_save = list(CLASSIFICATION_HEADS)
-    if notes:
-        _say_once(f"model=hf {m.name_or_path}: " + "; ".join(notes))
-    return cfg
-
-
-_SAID: set[str] = set()
-
-
-def _say_once(text: str) -> None:
-    import os
-
-    if text in _SAID or os.environ.get("RANK", "0") != "0":
-        return
-    _SAID.add(text)
-    from rich.console import Console
-
-    Console(stderr=True).print(text, highlight=False, soft_wrap=True)

@@ -15,8 +15,8 @@ from omegaconf import MISSING, DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from lrft.config import DatasetConfig, ModelConfig, OptimizerConfig, QuantizationConfig, TrainerConfig
 from lrft.errors import UserError
+from lrft.schema import DatasetConfig, ModelConfig, OptimizerConfig, QuantizationConfig, TrainerConfig
 
 MAX_COLUMNS = 8
 GIB = 1 << 30
@@ -62,7 +62,7 @@ def compose_memory(overrides: list[str]) -> DictConfig:
     """configs/memory.yaml composed with ``overrides`` (one option per group)."""
     from hydra.core.config_store import ConfigStore
 
-    from lrft.config import compose
+    from lrft.config.compose import compose
 
     ConfigStore.instance().store(name="memory_schema", node=MemoryConfig)
     return compose(overrides, "memory")
@@ -230,7 +230,7 @@ def shard_plan(plan: Any, planner: Any, msec: Any) -> Any:
     """Per-device figures of a job over ``nodes x processes_per_node`` devices. ZeRO-2 divides
     gradients and optimizer state; FSDP / ZeRO-3 divide the weights too, plus one gathered block
     (the largest decoder layer) at a time. Activations stay per device (data parallel)."""
-    from lrft.config import one_of
+    from lrft.errors import one_of
 
     one_of("memory.sharding", msec.sharding, SHARDINGS)
     n = int(msec.nodes) * int(msec.processes_per_node)

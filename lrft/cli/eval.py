@@ -18,18 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from lrft.config import (
-    DATASET_KINDS,
-    TASKS,
-    DatasetConfig,
-    ModelConfig,
-    QuantizationConfig,
-    compose,
-    group_options,
-    one_of,
-)
-from lrft.errors import EXIT_USAGE, UserError, did_you_mean
+from lrft.config.compose import compose, group_options
+from lrft.errors import EXIT_USAGE, UserError, did_you_mean, one_of
 from lrft.evaluate.schema import KEYS_HELP, EvalConfig
+from lrft.schema import DATASET_KINDS, TASKS, DatasetConfig, ModelConfig, QuantizationConfig
 
 console = Console(stderr=True, soft_wrap=True)  # never break a path inside an error message
 out = Console()
@@ -183,7 +175,7 @@ def as_eval_config(cfg: DictConfig) -> DictConfig:
 
 def read_run_config(run_dir: str) -> DictConfig:
     """A run's config.yaml, after checking that the run finished (before any model loads)."""
-    from lrft.checkpoint import COMPLETE
+    from lrft.run.final import COMPLETE
 
     path = Path(run_dir).expanduser()
     if not path.is_dir():
@@ -259,7 +251,7 @@ def infer_task(name_or_path: str) -> str | None:
 def validate_eval(cfg: DictConfig) -> None:
     m, d = cfg.model, cfg.dataset
     if OmegaConf.is_missing(m, "task") or m.task is None:  # model=hf: the task comes from the checkpoint
-        from lrft.models import resolve_model_config
+        from lrft.model.resolve import resolve_model_config
 
         resolve_model_config(cfg)
     one_of("model.task", m.task, TASKS)

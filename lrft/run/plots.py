@@ -7,7 +7,6 @@ Agg canvas directly, so no GUI backend is needed and a caller's own pyplot backe
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -109,23 +108,6 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, metric: str = "loss")
     for label in missing:
         print(f"note: {label} has no '{metric}'; left out", file=sys.stderr)
     return _save(fig, canvas, Path(out))
-
-
-def plot_main(argv: list[str]) -> int:
-    """``lrft plot RUN [RUN ...] [--out FILE] [--metric loss]``."""
-    parser = argparse.ArgumentParser(
-        prog="lrft plot", description="Overlay the curves of one or more run folders into one PNG."
-    )
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (holding metrics.jsonl)")
-    parser.add_argument("--out", default=None, help="PNG file to write (default: <metric>.png here)")
-    parser.add_argument(
-        "--metric", default="loss", help="loss (train + eval), or an eval metric: accuracy, f1, ..."
-    )
-    args = parser.parse_args(argv)
-    out = args.out or f"{args.metric.replace('/', '_')}.png"
-    path = plot_runs(args.runs, out, args.metric)
-    print(f"wrote {path}")
-    return 0
 
 
 def _figure(panels: int) -> tuple[Any, Any]:

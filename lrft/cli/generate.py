@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from lrft.errors import EXIT_USAGE, UserError
-from lrft.generate import GenerateConfig, StopStreamer, load_generator, run_generate
+from lrft.export.generate import GenerateConfig, StopStreamer, load_generator, run_generate
 
 TEXT_KEYS = ("prompt", "system")  # free text: taken verbatim, not parsed as Hydra values
 
@@ -28,7 +28,7 @@ def quote_text(arg: str) -> str:
 def compose_generate(argv: list[str]) -> GenerateConfig:
     from omegaconf.errors import OmegaConfBaseException
 
-    from lrft.config import compose
+    from lrft.config.compose import compose
 
     cfg = compose([quote_text(a) for a in argv], "generate")
     try:
@@ -81,7 +81,7 @@ def run_chat(cfg: GenerateConfig, stdin: Any = None) -> list[dict[str, str]]:
 def _main(argv: list[str], chat: bool) -> int:
     name = "chat" if chat else "generate"
     if any(a in ("-h", "--help") for a in argv):
-        from lrft.config import config_dir
+        from lrft.config.compose import config_dir
 
         print(f"usage: lrft {name} checkpoint=RUN_DIR | model.name_or_path=DIR [key=value ...]\n")
         print((config_dir() / "generate.yaml").read_text())
@@ -93,7 +93,7 @@ def _main(argv: list[str], chat: bool) -> int:
         else:
             run_generate(cfg)
     except UserError as err:
-        from lrft.jobs import say
+        from lrft.run.output import say
 
         say(f"[bold red]error:[/] {err}")
         return EXIT_USAGE

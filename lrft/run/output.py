@@ -1,6 +1,6 @@
 """What ``lrft merge`` and ``lrft export`` share: composing the job, the finished run they read,
 and the rules of the folder they write (only a folder lrft wrote may be replaced, free space,
-progress of shards). Staging and renaming are :mod:`lrft.atomic`'s.
+progress of shards). Staging and renaming are :mod:`lrft.run.atomic`'s.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from lrft.atomic import staged_dir
 from lrft.errors import UserError
+from lrft.run.atomic import staged_dir
 
 MARKER = ".lrft-output"  # in every folder lrft merge / export writes: what an overwrite may replace
 SHARD_DELAY_ENV = "LRFT_MERGE_SHARD_DELAY"  # test hook: seconds to sleep after each shard is written
@@ -28,36 +27,6 @@ def say(text: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(text, highlight=False, soft_wrap=True)
-
-
-def compose_job(argv: list[str], name: str, schema: type) -> Any:
-    """Compose ``configs/<name>.yaml`` with ``key=value`` overrides, then type it with ``schema``.
-
-    The YAML needs no registered schema (any tool can compose it); unknown keys still fail in
-    Hydra's struct mode, with did-you-mean, and wrong types fail here.
-    """
-    from omegaconf.errors import OmegaConfBaseException
-
-    from lrft.config import compose
-
-    cfg = compose(argv, name)
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise UserError(f"Invalid value for {key}: {str(err).splitlines()[0]}") from None
-    for key in ("checkpoint", "output"):
-        if OmegaConf.is_missing(typed, key):
-            raise UserError(f"lrft {name} needs {key}=PATH: lrft {name} checkpoint=RUN_DIR output=OUT_DIR")
-    return OmegaConf.to_object(typed)
-
-
-def print_help(name: str, schema: type) -> None:
-    """``lrft merge|export --help``: every key of the command's schema, its default and meaning."""
-    from lrft.help import print_command_help
-
-    usage = f"lrft {name} checkpoint=RUN_DIR output=DIR [key=value ...]"
-    print_command_help(name, schema, usage)
 
 
 def check_plain_keys(folder: Path) -> None:
@@ -185,7 +154,7 @@ def staged_output(output: Path, overwrite: bool, flag: str = "export.overwrite")
 
     ``output`` may be replaced only if lrft wrote it (see :func:`check_output`; ``flag`` is the
     key the message names); the new folder gets lrft's :data:`MARKER`, written inside it before
-    the rename. Staging, flushing and renaming are :func:`lrft.atomic.staged_dir`'s: on an
+    the rename. Staging, flushing and renaming are :func:`lrft.run.atomic.staged_dir`'s: on an
     exception nothing stays behind, after a kill only a hidden ``.tmp-*`` sibling.
     """
     output = output.resolve()

@@ -220,8 +220,8 @@ def load_generator(cfg: GenerateConfig) -> Generator:
 
 
 def _from_run(cfg: GenerateConfig) -> tuple[nn.Module, Any, str, str | None]:
-    from lrft.checkpoint import load_run
-    from lrft.jobs import resolve_run
+    from lrft.run.final import load_run
+    from lrft.run.output import resolve_run
 
     if not Path(cfg.checkpoint).expanduser().is_dir():
         raise UserError(f"checkpoint={cfg.checkpoint}: folder not found.")
@@ -235,8 +235,9 @@ def _from_run(cfg: GenerateConfig) -> tuple[nn.Module, Any, str, str | None]:
 
 
 def _from_folder(cfg: GenerateConfig) -> tuple[nn.Module, Any, str, str | None]:
-    from lrft.config import ModelConfig
-    from lrft.models import checkpoint_config, checkpoint_name, load_model, load_tokenizer
+    from lrft.model.load import load_model, load_tokenizer
+    from lrft.model.resolve import checkpoint_config, checkpoint_name
+    from lrft.schema import ModelConfig
 
     where = str(cfg.model.name_or_path)
     config = checkpoint_config(where, cfg.model.revision, cfg.model.trust_remote_code)

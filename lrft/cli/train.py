@@ -1,0 +1,172 @@
+"""``lrft train``: check the overrides (did-you-mean before Hydra is imported), guard the run folder,
+expand sweeps, then hand over to Hydra, which runs :func:`lrft.train.train` in the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from itertools import islice, product
+
+from rich.console import Console
+from rich.markup import escape
+
+from lrft.cli.help import print_train_help, print_versions
+from lrft.errors import EXIT_USAGE, Interrupted, UserError
+
+console = Console(stderr=True)
+
+
+def expand_sweeps(overrides: list[str], limit: int = 64) -> list[list[str]]:
+    """Every combination a ``-m`` sweep would run (capped), so each is validated before any work."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for ov, text in zip(parsed, overrides, strict=True):
+        if ov.is_sweep_override():
+            key = text.split("=", 1)[0]
+            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return [list(c) for c in islice(product(*choices), limit)]
+
+
+def train_cmd(argv: list[str]) -> int:
+    if "--version" in argv:  # Hydra's own flag would print Hydra's version
+        print_versions()
+        return 0
+    if argv and argv[0] in ("-h", "--help"):  # Hydra's parser would cost its import
+        print_train_help()
+        return 0
+    if not any(a.startswith("-") for a in argv):
+        from lrft.config.compose import quick_check
+
+        quick_check(argv)  # the common typos answer before Hydra is even imported
+    from hydra._internal.utils import get_args_parser
+
+    from lrft.config.compose import compose
+
+    args = get_args_parser().parse_intermixed_args(argv)
+    if args.help:
+        print_train_help()
+        return 0
+    try:
+        combos = expand_sweeps(args.overrides) if args.multirun else [args.overrides]
+    except Exception as err:  # the override grammar's own errors
+        raise UserError(f"Cannot parse the overrides {args.overrides}: {err}") from None
+    flags = list(argv)
+    for override in args.overrides:
+        flags.remove(override)
+    overrides = list(args.overrides)
+    inspecting = args.cfg or args.info or args.shell_completion
+    if not args.multirun and not inspecting:  # sweeps write fresh multirun/ folders
+        from lrft.run.folder import prepare
+
+        prepared = prepare(
+            overrides, say=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True)
+        )
+        if prepared is None:
+            return 0  # a finished run resumed: nothing left to do
+        overrides = prepared
+        combos = [overrides]
+    for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
+        compose(combo)
+    return _run_hydra(_info_flag(flags), overrides)
+
+
+def _say(text: str) -> None:
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _info_flag(flags: list[str]) -> list[str]:
+    """A bare ``--info`` would take the next argument as its choice: make it ``--info=all``."""
+    return ["--info=all" if f in ("--info", "-i") else f for f in flags]
+
+
+def _run_hydra(flags: list[str], overrides: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, open_dict
+
+    from lrft.config.compose import (
+        absolute_paths,
+        config_dir,
+        normalize_overrides,
+        register_schemas,
+        searchpath_override,
+    )
+    from lrft.config.validate import validate
+
+    register_schemas()
+
+    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+    def task(cfg: DictConfig) -> None:
+        from lrft.train import train
+
+        hc = HydraConfig.get()
+        run_dir = hc.runtime.output_dir
+        try:
+            validate(cfg)
+            with open_dict(cfg):
+                cfg.output_dir = run_dir
+            absolute_paths(cfg)
+            train(cfg, run_dir, list(hc.overrides.task))
+        except UserError as err:
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            _after_failure(run_dir, str(err))
+            sys.exit(EXIT_USAGE)
+        except Interrupted as stop:
+            console.print(f"[bold yellow]{escape(str(stop))}[/]", highlight=False, soft_wrap=True)
+            sys.exit(stop.code)
+        except Exception:
+            import traceback
+
+            _after_failure(run_dir, traceback.format_exc())
+            raise
+
+    saved = sys.argv
+    # flags first: Hydra's parser wants the overrides in one contiguous run
+    extra = [searchpath_override(), *_distributed_overrides(overrides)]
+    sys.argv = ["lrft train", *flags, *normalize_overrides(overrides), *extra]
+    try:
+        task()
+    except SystemExit as stop:  # a job's UserError (exit 2) or Hydra's own failure (exit 1)
+        return int(stop.code or 0)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _after_failure(run_dir: str, message: str) -> None:
+    """A run that failed: remove its folder if training never started, else leave error.txt."""
+    from pathlib import Path
+
+    from lrft.run.folder import failed_before_training
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    done = failed_before_training(Path(run_dir), message)
+    if done:
+        console.print(f"[dim]{escape(done)}[/]", highlight=False, soft_wrap=True)
+
+
+def _distributed_overrides(overrides: list[str]) -> list[str]:
+    """One run folder per launch: every process takes rank 0's timestamp; only rank 0 writes
+    Hydra's own files (.hydra/, the job log)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        os.environ["LRFT_RUN_STAMP"] = time.strftime("%Y-%m-%d_%H-%M-%S")
+        return []
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    cpu = any(o.lower() in ("trainer.cpu=true", "trainer.cpu=1") for o in overrides)
+    PartialState(cpu=cpu)  # the process group the run's Accelerator will reuse
+    stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
+    dist.broadcast_object_list(stamp, src=0)
+    os.environ["LRFT_RUN_STAMP"] = stamp[0]
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

@@ -1,0 +1,134 @@
+"""Validate a composed ``lrft train`` config, once: values and cross-group combinations that a
+schema's types cannot express, then the method's own checks (:mod:`lrft.methods.registry`).
+
+Torch-free, except where ``model=hf`` must read the checkpoint's ``config.json``.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from lrft.errors import UserError, did_you_mean, one_of
+from lrft.schema import (
+    COMPATIBLE,
+    DATASET_KINDS,
+    GROUP_SCHEMAS,
+    GROUPS,
+    OPTIMIZERS,
+    TASKS,
+    TrainConfig,
+    TrainerConfig,
+)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values and combinations that a schema's types cannot express."""
+    if "model" not in cfg:  # eval/merge configs validate their own parts
+        return
+    _check_keys(cfg)
+    m, d, t = cfg.model, cfg.dataset, cfg.trainer
+    one_of("dataset.kind", d.kind, DATASET_KINDS)
+    if m.name_or_path is None and m.from_config is None:
+        raise UserError(f"model '{m.name}' has neither name_or_path nor from_config: set model.name_or_path.")
+    open_task = OmegaConf.is_missing(m, "task") or m.task is None
+    if open_task or (not list(m.target_modules) and m.name_or_path):
+        from lrft.model.resolve import resolve_model_config  # transformers: only when the checkpoint decides
+
+        resolve_model_config(cfg)  # model=hf: task, targets from the checkpoint (before any data encoding)
+    one_of("model.task", m.task, TASKS)
+    one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
+    one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    if t.mixed_precision is not None:
+        one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
+    one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
+    one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
+    one_of("trainer.sharding", t.get("sharding", "none"), ("none", "fsdp2"))
+    one_of(
+        "trainer.compile_backend",
+        t.get("compile_backend", "inductor"),
+        ("inductor", "aot_eager", "cudagraphs"),
+    )
+    one_of("trainer.dropout_kernel", t.get("dropout_kernel", "auto"), ("auto", "eager", "fused"))
+    if d.eval_holdout < 0:
+        raise UserError(
+            f"dataset.eval_holdout must be >= 0 (a fraction < 1 or a row count), got {d.eval_holdout}."
+        )
+    if (m.task, d.kind) not in COMPATIBLE:
+        works = "; ".join(f"{a} model + {b} data ({how})" for (a, b), how in COMPATIBLE.items())
+        raise UserError(
+            f"model '{m.name}' ({m.task}) cannot train on dataset '{d.name}' ({d.kind}). "
+            f"Combinations that work: {works}."
+        )
+    if d.get("packing") and m.task != "causal":
+        raise UserError(
+            f"dataset.packing=true needs a causal (decoder-only) model; model '{m.name}' is a {m.task} "
+            "model: an encoder or encoder-decoder attends across a whole row, so packed examples would "
+            "see each other. Set dataset.packing=false (trainer.group_by_length=true also cuts padding)."
+        )
+    for key in ("batch_size", "grad_accum"):
+        if t[key] < 1:
+            raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise UserError(
+            f"trainer.max_steps={t.max_steps} would train nothing: set trainer.max_steps > 0, or -1 to "
+            "train for trainer.epochs epochs."
+        )
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise UserError("Set trainer.max_steps > 0 or trainer.epochs > 0.")
+    check_report_to(t.report_to)
+    if d.streaming and t.max_steps <= 0:
+        raise UserError(
+            "dataset.streaming=true reads the train rows lazily, so an epoch's length is unknown: "
+            "set trainer.max_steps > 0."
+        )
+    if d.num_proc < 1:
+        raise UserError(f"dataset.num_proc must be >= 1, got {d.num_proc}.")
+    if cfg.optimizer.lr <= 0:
+        raise UserError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}.")
+    from lrft.methods.registry import validate_method
+
+    validate_method(cfg)
+
+
+# trainer.report_to: accelerate's tracker name -> (package to install, accelerate's availability check)
+TRACKERS = {
+    "tensorboard": ("tensorboard", "is_tensorboard_available"),
+    "wandb": ("wandb", "is_wandb_available"),
+    "mlflow": ("mlflow-skinny", "is_mlflow_available"),
+}
+
+
+def check_report_to(value: str | None) -> None:
+    """A known tracker whose package is installed (accelerate would fail later, mid-setup)."""
+    if value is None:
+        return
+    if value not in TRACKERS:
+        raise UserError(
+            f"trainer.report_to={value!r} is not valid (null: no tracker)."
+            f"{did_you_mean(str(value), tuple(TRACKERS))}"
+        )
+    import accelerate.utils
+
+    package, check = TRACKERS[value]
+    if not getattr(accelerate.utils, check)():
+        raise UserError(f"trainer.report_to={value} needs the {package} package: pip install {package}")
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    """Keys added with ``+group.key=...`` bypass Hydra's struct check: hold them to the schema too."""
+    from dataclasses import fields
+
+    from lrft.methods.registry import METHODS
+
+    schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig)
+    if cfg.method.name not in METHODS:
+        raise UserError(f"Unknown method '{cfg.method.name}'.{did_you_mean(cfg.method.name, METHODS)}")
+    schemas["method"] = METHODS[cfg.method.name].config
+    for group, schema in schemas.items():
+        valid = [f.name for f in fields(schema)]
+        for key in cfg[group]:
+            if key not in valid:
+                raise UserError(f"Unknown config key '{group}.{key}'.{did_you_mean(str(key), valid)}")
+    extra = set(cfg.keys()) - {f.name for f in fields(TrainConfig)}
+    if extra:
+        raise UserError(f"Unknown config key '{sorted(extra)[0]}'.{did_you_mean(sorted(extra)[0], GROUPS)}")
