@@ -175,15 +175,19 @@ GROUP_SCHEMAS: dict[str, type] = {
 GROUPS = ("model", "method", "quantization", "optimizer", "dataset")
 
 
+# Every enumeration a config value is checked against, defined here once; the runtime modules
+# import these names (torch-free, so validation and --help never import torch).
+DTYPES = ("float32", "bfloat16", "float16")  # torch's map: lrft.model.dtypes.TORCH_DTYPES
+MODEL_DTYPES = (*DTYPES, "auto")  # model.dtype: auto keeps the checkpoint's own
 QUANT_TYPES = ("none", "nf4", "fp4", "int8")
-
-
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
-
-
+COMPUTE_DTYPES = DTYPES
+QUANT_STORAGE = ("uint8", *DTYPES)
+PRECISIONS = ("no", "fp16", "bf16")  # trainer.mixed_precision (null: bf16 where supported, else no)
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+ON_NAN = ("stop", "skip")
+SHARDINGS = ("none", "fsdp2")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")
+DROPOUT_KERNELS = ("auto", "eager", "fused")
 # GaLore lives in the optimizer: under method=galore, AdamW runs as GaLore-AdamW (8-bit too)
 GALORE_OPTIMIZER = {
     "adamw": "galore_adamw",

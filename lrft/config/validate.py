@@ -6,15 +6,27 @@ Torch-free, except where ``model=hf`` must read the checkpoint's ``config.json``
 
 from __future__ import annotations
 
+from typing import Any
+
 from omegaconf import DictConfig, OmegaConf
 
 from lrft.errors import UserError, did_you_mean, one_of
 from lrft.schema import (
     COMPATIBLE,
+    COMPILE_BACKENDS,
+    COMPUTE_DTYPES,
     DATASET_KINDS,
+    DROPOUT_KERNELS,
     GROUP_SCHEMAS,
     GROUPS,
+    LR_SCHEDULERS,
+    MODEL_DTYPES,
+    ON_NAN,
     OPTIMIZERS,
+    PRECISIONS,
+    QUANT_STORAGE,
+    QUANT_TYPES,
+    SHARDINGS,
     TASKS,
     TrainConfig,
     TrainerConfig,
@@ -36,19 +48,15 @@ def validate(cfg: DictConfig) -> None:
 
         resolve_model_config(cfg)  # model=hf: task, targets from the checkpoint (before any data encoding)
     one_of("model.task", m.task, TASKS)
-    one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16", "auto"))
+    one_of("model.dtype", m.dtype, MODEL_DTYPES)
     one_of("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     if t.mixed_precision is not None:
-        one_of("trainer.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
-    one_of("trainer.lr_scheduler", t.lr_scheduler, ("linear", "cosine", "constant"))
-    one_of("trainer.on_nan", t.on_nan, ("stop", "skip"))
-    one_of("trainer.sharding", t.get("sharding", "none"), ("none", "fsdp2"))
-    one_of(
-        "trainer.compile_backend",
-        t.get("compile_backend", "inductor"),
-        ("inductor", "aot_eager", "cudagraphs"),
-    )
-    one_of("trainer.dropout_kernel", t.get("dropout_kernel", "auto"), ("auto", "eager", "fused"))
+        one_of("trainer.mixed_precision", t.mixed_precision, PRECISIONS)
+    one_of("trainer.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
+    one_of("trainer.on_nan", t.on_nan, ON_NAN)
+    one_of("trainer.sharding", t.get("sharding", "none"), SHARDINGS)
+    one_of("trainer.compile_backend", t.get("compile_backend", "inductor"), COMPILE_BACKENDS)
+    one_of("trainer.dropout_kernel", t.get("dropout_kernel", "auto"), DROPOUT_KERNELS)
     if d.eval_holdout < 0:
         raise UserError(
             f"dataset.eval_holdout must be >= 0 (a fraction < 1 or a row count), got {d.eval_holdout}."
@@ -76,6 +84,7 @@ def validate(cfg: DictConfig) -> None:
     if t.max_steps <= 0 and t.epochs <= 0:
         raise UserError("Set trainer.max_steps > 0 or trainer.epochs > 0.")
     check_report_to(t.report_to)
+    check_quantization(cfg)
     if d.streaming and t.max_steps <= 0:
         raise UserError(
             "dataset.streaming=true reads the train rows lazily, so an epoch's length is unknown: "
@@ -118,12 +127,10 @@ def _check_keys(cfg: DictConfig) -> None:
     """Keys added with ``+group.key=...`` bypass Hydra's struct check: hold them to the schema too."""
     from dataclasses import fields
 
-    from lrft.methods.registry import METHODS
+    from lrft.methods.registry import method_spec
 
     schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig)
-    if cfg.method.name not in METHODS:
-        raise UserError(f"Unknown method '{cfg.method.name}'.{did_you_mean(cfg.method.name, METHODS)}")
-    schemas["method"] = METHODS[cfg.method.name].config
+    schemas["method"] = method_spec(cfg.method.name).config
     for group, schema in schemas.items():
         valid = [f.name for f in fields(schema)]
         for key in cfg[group]:
@@ -132,3 +139,15 @@ def _check_keys(cfg: DictConfig) -> None:
     extra = set(cfg.keys()) - {f.name for f in fields(TrainConfig)}
     if extra:
         raise UserError(f"Unknown config key '{sorted(extra)[0]}'.{did_you_mean(sorted(extra)[0], GROUPS)}")
+
+
+def check_quantization(root_cfg: Any) -> None:
+    """Values a schema cannot check: the quantization type and dtype names."""
+    q = root_cfg.quantization
+    for key, value, valid in (
+        ("name", q.name, QUANT_TYPES),
+        ("compute_dtype", q.compute_dtype, COMPUTE_DTYPES),
+        ("quant_storage", q.quant_storage, QUANT_STORAGE),
+    ):
+        if value not in valid:
+            raise UserError(f"quantization.{key}={value!r} is not valid.{did_you_mean(str(value), valid)}")

@@ -26,6 +26,7 @@ from torch import nn
 
 from lrft.errors import UserError, did_you_mean
 from lrft.export.peft import find_adapted
+from lrft.model.dtypes import TORCH_DTYPES
 from lrft.model.quantization import dense_weight, is_quantized
 from lrft.model.resolve import prequantized_checkpoint
 from lrft.run.output import (
@@ -38,7 +39,6 @@ from lrft.run.output import (
     staged_output,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASES = ("original", "dequantized")
 # largest |merged - adapter| logit difference accepted, relative to max(1, max |logit|). The merge is
 # exact up to the rounding of each weight and activation in the dtype, compounded over the layers:
@@ -92,7 +92,7 @@ def merge_run(checkpoint: str | Path, output: str | Path, opts: MergeOptions | N
         start = time.perf_counter()
         src = load_source(run_dir, cfg, opts.base)
         model, task = src.model, cfg.model.task
-        out_dtype = src.base_dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
+        out_dtype = src.base_dtype if opts.dtype == "auto" else TORCH_DTYPES[opts.dtype]
         batch = probe_batch(src.tokenizer, model.config, task)
         reference = logits(model, batch) if opts.verify else None
         n_layers = fold_adapters(model, out_dtype, src.changed, src.base_path, cfg.model.revision)
@@ -178,7 +178,7 @@ def load_source(run_dir: Path, cfg: Any, base: str) -> Source:
         changed = set()  # the layer's own view (dequantized residual + offset) is what training saw
     rtol = TOLERANCE.get(base_dtype, TOLERANCE[torch.bfloat16])
     if qcfg is not None:  # the reference runs the quantized matmuls training ran
-        rtol = max(rtol, INT8_RTOL if qcfg.name == "int8" else TOLERANCE[DTYPES[qcfg.compute_dtype]])
+        rtol = max(rtol, INT8_RTOL if qcfg.name == "int8" else TOLERANCE[TORCH_DTYPES[qcfg.compute_dtype]])
     tokenizer = AutoTokenizer.from_pretrained(final)
     return Source(model, tokenizer, method, str(mcfg.name_or_path), base_dtype, rtol, changed)
 
@@ -332,8 +332,8 @@ def _refuse_tied(model: nn.Module, names: list[str]) -> None:
 
 
 def _check_options(opts: MergeOptions) -> None:
-    if opts.dtype != "auto" and opts.dtype not in DTYPES:
-        hint = did_you_mean(opts.dtype, ["auto", *DTYPES])
+    if opts.dtype != "auto" and opts.dtype not in TORCH_DTYPES:
+        hint = did_you_mean(opts.dtype, ["auto", *TORCH_DTYPES])
         raise UserError(f"merge.dtype={opts.dtype!r} is not valid.{hint}")
     if opts.base not in BASES:
         raise UserError(f"merge.base={opts.base!r} is not valid.{did_you_mean(opts.base, BASES)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ from torch import nn
 
 from lrft.errors import UserError
 from lrft.methods.schemas import MethodConfig
+from lrft.model.quantization import quantized_linear_types
 from lrft.model.targets import OUTPUT_HEADS
 
 
@@ -141,12 +141,8 @@ def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
 
 
 def _linear_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Linear]
-    # quantized bases are adapted like plain ones; a model with bitsandbytes layers has imported it
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is not None:
-        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    return tuple(types)
+    # quantized bases are adapted like plain ones
+    return (nn.Linear, *quantized_linear_types())
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -31,9 +31,10 @@ from collections.abc import Callable
 
 import torch
 
+from lrft.schema import DROPOUT_KERNELS
+
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "eager", "fused")
 
 _GOLDEN = 0x9E3779B9 - 2**32  # odd int32 constants (as signed values, so int32 tensors accept them)
 _M1, _M2 = 0x7FEB352D, 0x846CA68B - 2**32
@@ -108,8 +109,8 @@ def _drop_fused(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
 
 def fused_for(kernel: str, device: torch.device) -> bool:
     """Whether ``kernel`` ("auto" | "eager" | "fused") runs the compiled kernel on ``device``."""
-    if kernel not in KERNELS:
-        raise ValueError(f"dropout kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel not in DROPOUT_KERNELS:
+        raise ValueError(f"dropout kernel must be one of {DROPOUT_KERNELS}, got {kernel!r}")
     if _fused_failed or device.type not in ("cuda", "cpu"):  # meta (the memory planner), mps...
         return False
     return kernel == "fused" or (kernel == "auto" and device.type == "cuda")

@@ -298,10 +298,10 @@ class DoraLinear(LowRankLinear):
 def use_dropout_kernel(model: nn.Module, kernel: str) -> int:
     """Set every low-rank layer's dropout kernel ("auto" | "eager" | "fused", see
     :mod:`lrft.methods.dropout`); returns how many layers were set."""
-    from lrft.methods.dropout import KERNELS
+    from lrft.schema import DROPOUT_KERNELS
 
-    if kernel not in KERNELS:
-        raise ValueError(f"dropout kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel not in DROPOUT_KERNELS:
+        raise ValueError(f"dropout kernel must be one of {DROPOUT_KERNELS}, got {kernel!r}")
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     for layer in layers:
         layer.dropout_kernel = kernel

@@ -60,16 +60,18 @@ def register_method(name: str, config: type) -> Callable[[type], type]:
     return wrap
 
 
-def get_method(name: str) -> Any:
-    """The method class registered as ``name`` (its module is imported on first use)."""
+def method_spec(name: str) -> MethodSpec:
+    """The registered method ``name``; an unknown name fails with the closest registered ones."""
     if name not in METHODS:
         raise UserError(f"Unknown method '{name}'.{did_you_mean(name, METHODS)}")
-    return METHODS[name].cls
+    return METHODS[name]
+
+
+def get_method(name: str) -> Any:
+    """The method class registered as ``name`` (its module is imported on first use)."""
+    return method_spec(name).cls
 
 
 def validate_method(root_cfg: Any) -> None:
     """The method's own checks of a composed config (torch-free for the built-in methods)."""
-    name = root_cfg.method.name
-    if name not in METHODS:
-        raise UserError(f"Unknown method '{name}'.{did_you_mean(name, METHODS)}")
-    METHODS[name].validate(root_cfg)
+    method_spec(root_cfg.method.name).validate(root_cfg)

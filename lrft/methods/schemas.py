@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lrft.errors import UserError, did_you_mean
-from lrft.schema import COMPUTE_DTYPES, GALORE_OPTIMIZER, QUANT_STORAGE, QUANT_TYPES
+from lrft.schema import GALORE_OPTIMIZER
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")  # GaLore's projection sides
 LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
@@ -89,18 +89,6 @@ class GaloreConfig(MethodConfig):
     target_modules: list[str] | None = None
 
 
-def check_quantization(root_cfg: Any) -> None:
-    """Values a schema cannot check: the quantization type and dtype names."""
-    q = root_cfg.quantization
-    for key, value, valid in (
-        ("name", q.name, QUANT_TYPES),
-        ("compute_dtype", q.compute_dtype, COMPUTE_DTYPES),
-        ("quant_storage", q.quant_storage, QUANT_STORAGE),
-    ):
-        if value not in valid:
-            raise UserError(f"quantization.{key}={value!r} is not valid.{did_you_mean(str(value), valid)}")
-
-
 def check_lora(root_cfg: Any) -> None:
     m = root_cfg.method
     if m.r < 1:
@@ -118,7 +106,6 @@ def check_lora(root_cfg: Any) -> None:
             f"method={m.name}'s factors are low-rank already. Use optimizer=adamw (or adamw8bit), "
             "or method=galore to train full weights with GaLore."
         )
-    check_quantization(root_cfg)
 
 
 def check_pissa(root_cfg: Any) -> None:

@@ -15,12 +15,10 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
+from lrft.model.dtypes import TORCH_DTYPES
 from lrft.model.resolve import looks_like_path
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]  # ids 0..4, then the 256 bytes
-BYTE_VOCAB = len(SPECIALS) + 256
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def byte_tokenizer(style: str = "llama") -> Any:
@@ -160,7 +158,7 @@ def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn
         load_kw: dict[str, Any] = dict(
             revision=mcfg.revision,
             trust_remote_code=mcfg.trust_remote_code,
-            dtype="auto" if mcfg.dtype == "auto" else _DTYPES[mcfg.dtype],
+            dtype="auto" if mcfg.dtype == "auto" else TORCH_DTYPES[mcfg.dtype],
             **kw,
         )
         if mcfg.device_map:
@@ -197,7 +195,7 @@ def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn
         config._attn_implementation = mcfg.attn_implementation
     model = auto.from_config(config)
     if mcfg.dtype not in ("float32", "auto"):
-        model = model.to(_DTYPES[mcfg.dtype])
+        model = model.to(TORCH_DTYPES[mcfg.dtype])
     return quantize(model, mcfg, qcfg)
 
 
@@ -207,7 +205,7 @@ def quantize(model: nn.Module, mcfg: Any, qcfg: Any) -> nn.Module:
         return model
     from lrft.model.quantization import quantize_built
 
-    dtype = _DTYPES.get(mcfg.dtype, torch.float32)
+    dtype = TORCH_DTYPES.get(mcfg.dtype, torch.float32)
     return quantize_built(model, _auto_class(mcfg.task), qcfg, mcfg, dtype)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lrft.errors import UserError
+from lrft.model.dtypes import TORCH_DTYPES
 
 # Published config.json values of the models lrft has recipes for, so `lrft memory` works offline.
 # Used only when the hub cache has no copy; the output says which source it took.
@@ -53,7 +54,6 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
         pad_token_id=0, eos_token_id=1,
     ),
 }  # fmt: skip
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _AUTO = {
     "causal": "AutoModelForCausalLM",
     "classification": "AutoModelForSequenceClassification",
@@ -105,7 +105,7 @@ def build_meta_model(mcfg: Any, config: Any) -> nn.Module:
     """The model class ``lrft train`` would load, with every tensor on the meta device."""
     import transformers
 
-    dtype = _DTYPES.get(mcfg.dtype) or getattr(config, "dtype", None) or torch.float32
+    dtype = TORCH_DTYPES.get(mcfg.dtype) or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if mcfg.attn_implementation:

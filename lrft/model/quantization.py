@@ -27,24 +27,10 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
+from lrft.model.dtypes import STORAGE_DTYPES, TORCH_DTYPES
 from lrft.model.resolve import config_quantization
 
-QUANT_TYPES = ("none", "nf4", "fp4", "int8")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STORAGE = {
-    "uint8": torch.uint8,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
 SOURCE_ATTR = "lrft_source"  # callable -> the layer's full-precision weight, set by load_model
-
-
-def check(root_cfg: Any) -> None:
-    """Values a schema cannot check: the quantization type and dtype names (torch-free twin)."""
-    from lrft.methods.schemas import check_quantization
-
-    check_quantization(root_cfg)
 
 
 def skip_modules(mcfg: Any) -> list[str]:
@@ -66,9 +52,9 @@ def bnb_config(qcfg: Any, mcfg: Any) -> Any:
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=qcfg.name,
-        bnb_4bit_compute_dtype=_DTYPES[qcfg.compute_dtype],
+        bnb_4bit_compute_dtype=TORCH_DTYPES[qcfg.compute_dtype],
         bnb_4bit_use_double_quant=qcfg.double_quant,
-        bnb_4bit_quant_storage=_STORAGE[qcfg.quant_storage],
+        bnb_4bit_quant_storage=STORAGE_DTYPES[qcfg.quant_storage],
         llm_int8_skip_modules=skip_modules(mcfg),
     )
 
@@ -203,9 +189,14 @@ def _bnb() -> Any:
     return sys.modules.get("bitsandbytes")
 
 
-def is_quantized(module: nn.Module) -> bool:
+def quantized_linear_types() -> tuple[type, ...]:
+    """bitsandbytes' linear layers; none until a quantized model has imported bitsandbytes."""
     bnb = _bnb()
-    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    return () if bnb is None else (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, quantized_linear_types())
 
 
 @torch.no_grad()
@@ -315,10 +306,8 @@ def restore_source(module: nn.Module) -> torch.Tensor:
 
 
 __all__ = [
-    "QUANT_TYPES",
     "attach_checkpoint_sources",
     "bnb_config",
-    "check",
     "dense_weight",
     "finish_pretrained",
     "from_pretrained_kwargs",

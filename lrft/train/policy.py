@@ -22,12 +22,11 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
+from lrft.schema import PRECISIONS
 from lrft.train.guards import check_gradients, nan_message
 from lrft.train.sharding import whole
 from lrft.train.state import TrainState
 from lrft.train.step import StepResult
-
-PRECISIONS = ("no", "fp16", "bf16")
 
 
 def resolve_precision(requested: str | None) -> str:

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
-
-MODES = ("none", "fsdp2")
+from lrft.schema import SHARDINGS
 
 
 def requested(tcfg: Any) -> str:
@@ -35,8 +34,8 @@ def requested(tcfg: Any) -> str:
     An accelerate FSDP launch sets ACCELERATE_USE_FSDP; lrft then takes the model over (and removes
     the variable, so accelerate does not wrap the model a second time)."""
     mode = tcfg.sharding
-    if mode not in MODES:
-        raise UserError(f"trainer.sharding={mode!r} is not valid. Valid: {', '.join(MODES)}.")
+    if mode not in SHARDINGS:
+        raise UserError(f"trainer.sharding={mode!r} is not valid. Valid: {', '.join(SHARDINGS)}.")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("true", "1"):
         return mode
     version = os.environ.get("FSDP_VERSION", "1")

@@ -88,7 +88,6 @@ def forward_backward(
     *,
     decoder_inputs: Callable | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
-    backward: Callable[[torch.Tensor], None] | None = None,
     step: int = 0,
 ) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step (gradients accumulate).
@@ -101,7 +100,6 @@ def forward_backward(
     count = torch.stack([loss_count(b, task) for b in window]).sum().to(device)
     total = accelerator.reduce(count.clone(), "sum") if world > 1 else count
     scale = world / total.clamp(min=1).float()
-    backward = backward or accelerator.backward
     acc = torch.zeros((), dtype=torch.float32, device=device)
     bad = torch.zeros((), dtype=torch.float32, device=device)
     real = torch.zeros((), dtype=torch.long, device=device)
@@ -117,7 +115,7 @@ def forward_backward(
                 s = s * float("nan")
             finite = torch.isfinite(s)
             bad = torch.maximum(bad, (~finite).float())
-            backward(torch.where(finite, s, torch.zeros_like(s)) * scale)
+            accelerator.backward(torch.where(finite, s, torch.zeros_like(s)) * scale)
         acc += s.detach()
         tokens, _pad = batch_token_stats(batch)  # packed rows have no attention mask
         real += tokens
