@@ -1,4 +1,7 @@
-"""Optimizers by config name. Methods build theirs through :meth:`Method.build_optimizer`.
+"""Optimizers by config name, over the parameter groups a method hands out.
+
+The optimizer knows nothing of methods: a group that carries ``rank`` (GaLore's projection
+settings, see :meth:`lrft.methods.galore.Galore.param_groups`) makes AdamW run as GaLore-AdamW.
 
 Besides torch's AdamW and SGD: bitsandbytes' 8-bit AdamW, and GaLore (arXiv 2403.03507), Adam
 whose moments live in a rank-r projection of each 2-D gradient (:class:`GaLoreAdamW`), optionally
@@ -15,39 +18,50 @@ from typing import Any
 import torch
 
 from lrft.errors import UserError, did_you_mean
-from lrft.schema import OPTIMIZERS
+from lrft.schema import GALORE_OPTIMIZER, OPTIMIZERS
 
 
 def build_optimizer(
-    groups: list[dict[str, Any]], ocfg: Any, layerwise: bool = False
+    groups: list[dict[str, Any]], ocfg: Any, in_backward: bool = False
 ) -> torch.optim.Optimizer:
     """``optimizer.name`` over parameter ``groups`` (each may carry its own weight_decay).
 
-    GaLore groups carry ``rank``, ``update_proj_gap``, ``scale`` and ``proj_type`` (see
-    :class:`GaLoreAdamW`); other groups of a GaLore optimizer get plain Adam.
+    Groups that carry ``rank``, ``update_proj_gap``, ``scale`` and ``proj_type`` are projected
+    (see :class:`GaLoreAdamW`): their presence turns adamw / adamw8bit into its GaLore form, whose
+    other groups get plain Adam. ``in_backward``: GaLore's layer-wise mode, each parameter updated
+    inside its gradient hook.
     """
+    groups = [g for g in groups if g["params"]]
+    name = ocfg.name
+    if any("rank" in g for g in groups) or in_backward:
+        if name not in GALORE_OPTIMIZER:
+            raise UserError(
+                f"optimizer={name} has no GaLore form (projected parameter groups); use one of "
+                f"{', '.join(sorted(set(GALORE_OPTIMIZER)))}."
+            )
+        name = GALORE_OPTIMIZER[name]
     betas = tuple(ocfg.betas)
-    if ocfg.name == "sgd":
+    if name == "sgd":
         return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum)
-    if ocfg.name == "adamw":
+    if name == "adamw":
         return torch.optim.AdamW(groups, lr=ocfg.lr, betas=betas, eps=ocfg.eps)
-    if ocfg.name == "adamw8bit":
+    if name == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(
             groups, lr=ocfg.lr, betas=betas, eps=ocfg.eps, weight_decay=ocfg.weight_decay
         )
-    if ocfg.name in ("galore_adamw", "galore_adamw8bit"):
+    if name in GALORE_OPTIMIZER.values():
         return GaLoreAdamW(
             groups,
             lr=ocfg.lr,
             betas=betas,
             eps=ocfg.eps,
             weight_decay=ocfg.weight_decay,
-            eight_bit=ocfg.name == "galore_adamw8bit",
-            layerwise=layerwise,
+            eight_bit=name == GALORE_OPTIMIZER["adamw8bit"],
+            layerwise=in_backward,
         )
-    raise UserError(f"Unknown optimizer '{ocfg.name}'.{did_you_mean(ocfg.name, OPTIMIZERS)}")
+    raise UserError(f"Unknown optimizer '{name}'.{did_you_mean(name, OPTIMIZERS)}")
 
 
 def _side(shape: torch.Size, proj_type: str) -> str:
@@ -94,8 +108,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.eight_bit, self.layerwise, self.min_8bit_size = eight_bit, layerwise, min_8bit_size
-        # tells the loop that parameters update during backward: no .grad is left to check or clip
-        self.updates_in_backward = layerwise
         self._hooks = []
         if layerwise:
             for group in self.param_groups:

@@ -224,12 +224,14 @@ def lrft_builder(
         from lrft.methods import get_method
         from lrft.methods.base import ApplyContext
         from lrft.methods.layers import use_dropout_kernel
+        from lrft.optim import build_optimizer
 
         cfg = compose(check.overrides(method, quant))
         m = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
         model = m.apply(check.base(quant != "none"), {"target_modules": TARGETS}, ApplyContext())
         use_dropout_kernel(model, kernel)  # what trainer.dropout_kernel does in the loop
-        return model, m.build_optimizer(model, cfg.optimizer)
+        groups = m.param_groups(model, cfg.optimizer.weight_decay)
+        return model, build_optimizer(groups, cfg.optimizer, in_backward=m.updates_in_backward)
 
     return build
 

@@ -22,6 +22,7 @@ from lrft.methods.base import ApplyContext
 from lrft.methods.registry import get_method
 from lrft.model.load import load_model
 from lrft.model.meta import meta_forward
+from lrft.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,7 +151,9 @@ def test_optimizer_state_matches_a_real_step(method, optimizer, extra):
     )
     planned = optimizer_state_bytes(Planner(cfg).optimizer)
     model, m = real_model(cfg, method)
-    opt = m.build_optimizer(model, cfg.optimizer)
+    opt = build_optimizer(
+        m.param_groups(model, cfg.optimizer.weight_decay), cfg.optimizer, in_backward=m.updates_in_backward
+    )
     for module in model.modules():  # every adapter gets a gradient (B = 0 would leave A without)
         if hasattr(module, "lora_B"):
             nn.init.normal_(module.lora_B)

@@ -23,6 +23,7 @@ from lrft.methods import METHODS, DoraLinear, LowRankLinear, get_method
 from lrft.methods.base import ApplyContext
 from lrft.model.load import load_model
 from lrft.model.quantization import dense_weight, is_quantized
+from lrft.optim import build_optimizer
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,9 @@ def test_a_step_changes_only_what_the_method_trains(row):
             m.p = 0.0
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    opt = method.build_optimizer(model, OmegaConf.merge(cfg.optimizer, {"lr": 1e-2}))
+    ocfg = OmegaConf.merge(cfg.optimizer, {"lr": 1e-2})
+    groups = method.param_groups(model, ocfg.weight_decay)
+    opt = build_optimizer(groups, ocfg, in_backward=method.updates_in_backward)
     model.train()
     for _ in range(2):  # two steps: B moves first, then A (LoRA) sees a non-zero B
         model(**batch()).loss.backward()

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lrft.config.compose import compose
+from lrft.errors import UserError
 from lrft.methods import get_method
 from lrft.model.load import load_model
 from lrft.optim import GaLoreAdamW, build_optimizer
@@ -21,7 +22,11 @@ def galore_setup(layerwise: bool, name: str = "galore_adamw"):
     model = load_model(cfg.model)
     method = get_method("galore")(OmegaConf.to_object(cfg.method))
     method.apply(model)
-    return model, method.build_optimizer(model, cfg.optimizer)
+    return model, build_optimizer(
+        method.param_groups(model, cfg.optimizer.weight_decay),
+        cfg.optimizer,
+        in_backward=method.updates_in_backward,
+    )
 
 
 def batch(step: int) -> dict[str, torch.Tensor]:
@@ -112,3 +117,22 @@ def test_adamw8bit_steps_and_its_state_loads_weights_only():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     torch.load(buf, weights_only=True)
+
+
+def test_projected_groups_turn_adamw_into_galore_and_refuse_an_optimizer_without_that_form():
+    w, b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.zeros(8))
+    groups = [
+        {"params": [w], "weight_decay": 0.0, "rank": 2, "update_proj_gap": 1, "scale": 1.0}
+        | {"proj_type": "std"},
+        {"params": [b], "weight_decay": 0.0},
+        {"params": [], "weight_decay": 0.0},  # empty groups are dropped, not handed to torch
+    ]
+    hyper = {"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0}
+    adamw = OmegaConf.create({"name": "adamw", **hyper})
+    opt = build_optimizer(groups, adamw)
+    assert isinstance(opt, GaLoreAdamW) and len(opt.param_groups) == 2
+    plain = build_optimizer(groups[1:], adamw)
+    assert type(plain) is torch.optim.AdamW
+    sgd = OmegaConf.create({"name": "sgd", **hyper})
+    with pytest.raises(UserError, match="no GaLore form"):
+        build_optimizer(groups, sgd)

@@ -9,7 +9,6 @@ from lrft.config.compose import compose
 from lrft.errors import UserError
 from lrft.methods import get_method
 from lrft.model.load import load_model
-from lrft.train.setup import _refuse_unsupported
 
 ONE, TWO = SimpleNamespace(num_processes=1), SimpleNamespace(num_processes=2)
 
@@ -26,9 +25,9 @@ def test_layerwise_galore_is_refused_with_several_processes():
         ["method=galore", "optimizer=galore_adamw", "method.layerwise=true", "trainer.max_grad_norm=0"]
     )
     model = load_model(cfg.model)
-    _refuse_unsupported(m, model, ONE)  # one process: fine
+    m.refuse(ONE, model)  # one process: fine
     with pytest.raises(UserError, match="before DDP has averaged"):
-        _refuse_unsupported(m, model, TWO)
+        m.refuse(TWO, model)
 
 
 @pytest.mark.parametrize("name", ["full", "galore"])
@@ -36,8 +35,8 @@ def test_full_weight_methods_refuse_a_half_precision_base(name):
     extra = ["optimizer=galore_adamw"] if name == "galore" else []
     m, cfg = method([f"method={name}", *extra])
     model = load_model(cfg.model)
-    _refuse_unsupported(m, model, ONE)  # float32: fp32 master weights exist
+    m.refuse(ONE, model)  # float32: fp32 master weights exist
     with pytest.raises(UserError, match=r"model\.dtype=float32"):
-        _refuse_unsupported(m, model.to(torch.bfloat16), ONE)
+        m.refuse(ONE, model.to(torch.bfloat16))
     lora, _ = method(["method=lora"])
-    _refuse_unsupported(lora, model, ONE)  # adapters are float32 whatever the base
+    lora.refuse(ONE, model)  # adapters are float32 whatever the base

@@ -26,6 +26,7 @@ from torch import nn
 
 from lrft.errors import UserError, did_you_mean
 from lrft.export.peft import find_adapted
+from lrft.methods.base import Method
 from lrft.model.dtypes import TORCH_DTYPES
 from lrft.model.quantization import dense_weight, is_quantized
 from lrft.model.resolve import prequantized_checkpoint
@@ -73,7 +74,7 @@ class Source:
 
     model: nn.Module
     tokenizer: Any
-    method: Any
+    method: Method
     base_path: str
     base_dtype: torch.dtype
     rtol: float  # the unmerged model's own precision (a quantized base: its matmuls), see TOLERANCE
@@ -144,7 +145,7 @@ def load_source(run_dir: Path, cfg: Any, base: str) -> Source:
 
     method = get_method(cfg.method.name)(_method_config(cfg))
     final = run_dir / "final"
-    full = getattr(method, "full_weights", False)
+    full = method.full_weights
     qcfg = OmegaConf.select(cfg, "quantization")
     quantized = qcfg is not None and qcfg.name != "none"
     mcfg = cfg.model.copy()

@@ -25,6 +25,7 @@ from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from lrft.errors import UserError
+from lrft.methods.base import Method
 from lrft.run.output import (
     staged_output,
 )
@@ -63,7 +64,7 @@ def export_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float,
 
 
 def write_peft_adapter(
-    model: nn.Module, method: Any, cfg: Any, out_dir: str | Path, base_path: str | None = None
+    model: nn.Module, method: Method, cfg: Any, out_dir: str | Path, base_path: str | None = None
 ) -> Path | None:
     """Write ``out_dir`` (adapter_config.json + adapter_model.safetensors) for a LoRA-family run.
 
@@ -74,7 +75,7 @@ def write_peft_adapter(
     from safetensors.torch import save_file
 
     layers = find_adapted(model)
-    if getattr(method, "full_weights", False) or not layers:
+    if method.full_weights or not layers:
         return None
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -124,13 +125,13 @@ def write_peft_adapter(
     return Path(out_dir)
 
 
-def _configured_to_save(method: Any, cfg: Any) -> list[str]:
+def _configured_to_save(method: Method, cfg: Any) -> list[str]:
     names = getattr(method.cfg, "modules_to_save", None)
     return list(names if names is not None else cfg.model.get("modules_to_save") or [])
 
 
 def _modules_to_save(
-    model: nn.Module, method: Any, cfg: Any, adapted: list[str]
+    model: nn.Module, method: Method, cfg: Any, adapted: list[str]
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Trained parameters outside the low-rank layers, grouped by the configured module they belong to."""
     names = _configured_to_save(method, cfg)
@@ -149,7 +150,7 @@ def _modules_to_save(
     return out
 
 
-def _short(module_path: str, cfg: Any, method: Any) -> str:
+def _short(module_path: str, cfg: Any, method: Method) -> str:
     names = _configured_to_save(method, cfg)
     return next(s for s in names if module_path == s or module_path.endswith("." + s))
 

@@ -34,6 +34,8 @@ from torch import nn
 from lrft.errors import UserError
 from lrft.memory.measure import ActivationProfile, LiveBytes, activation_profile
 from lrft.model.meta import GLUE_TARGET_TOKENS, build_meta_model, meta_forward, resolve_config
+from lrft.optim import build_optimizer
+from lrft.schema import GALORE_OPTIMIZER
 
 
 def quantized_bytes(scheme: str, weight: torch.Tensor, double_quant: bool) -> int:
@@ -112,7 +114,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             elif name == "adamw8bit":
                 qmaps = qmaps or n >= 4096
                 total += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n
-            elif name in ("galore_adamw", "galore_adamw8bit"):
+            elif name in GALORE_OPTIMIZER.values():
                 moments = n
                 if "rank" in group and p.ndim == 2:
                     m, k = p.shape
@@ -174,7 +176,9 @@ class Planner:
         linears = _quantized_linears(self.model, mcfg, qcfg)
         self.quantized = {id(m.weight): m for m in linears.values()}
         self.int8 = [m for m in linears.values() if qcfg.name == "int8"]
-        self.optimizer = self.method.build_optimizer(self.model, cfg.optimizer)
+        groups = self.method.param_groups(self.model, cfg.optimizer.weight_decay)
+        in_backward = self.method.updates_in_backward
+        self.optimizer = build_optimizer(groups, cfg.optimizer, in_backward=in_backward)
         if cfg.trainer.mixed_precision not in (None, "no") and self.model.dtype == torch.float32:
             self.notes.append(
                 f"trainer.mixed_precision={cfg.trainer.mixed_precision} on a float32 model: activations "
@@ -245,7 +249,7 @@ class Planner:
             out.grad_fn.metadata["lrft_int8_input"] = x
 
         handles = self._int8_inputs(keep)
-        if getattr(self.optimizer, "updates_in_backward", False) and not self.optimizer.state:
+        if self.method.updates_in_backward and not self.optimizer.state:
             # layer-wise updates run inside backward: create their state first, as after step one,
             # so the peak counts the update's transients but not the state (its own row)
             with meta_forward():
@@ -291,7 +295,7 @@ class Planner:
 
     def gradients(self) -> int:
         sizes = [p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad]
-        if getattr(self.optimizer, "updates_in_backward", False):
+        if self.method.updates_in_backward:
             # layer-wise updates free each gradient inside backward: one exists at a time
             self.notes.append("layer-wise updates: one gradient exists at a time.")
             return max(sizes, default=0)

@@ -15,6 +15,8 @@ from lrft.methods.schemas import MethodConfig
 from lrft.model.quantization import quantized_linear_types
 from lrft.model.targets import OUTPUT_HEADS
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 @dataclass
 class ApplyContext:
@@ -82,11 +84,25 @@ class Method(abc.ABC):
     def initialize(self, model: nn.Module, ctx: ApplyContext) -> None:  # noqa: B027 - optional
         """Value-dependent init (SVD of W, gradient probes) on the model's device; none by default."""
 
-    def build_optimizer(self, model: nn.Module, ocfg: Any) -> torch.optim.Optimizer:
-        """The optimizer over this method's trainable parameters (GaLore overrides it)."""
-        from lrft.optim import build_optimizer
+    @property
+    def updates_in_backward(self) -> bool:
+        """True when the optimizer updates each parameter inside backward (and frees its gradient):
+        the trainer then has no gradient left to clip, check for NaN, or accumulate."""
+        return False
 
-        return build_optimizer(self.param_groups(model, ocfg.weight_decay), ocfg)
+    def refuse(self, accelerator: Any, model: nn.Module) -> None:
+        """Refuse, with what works instead, an engine setup this method would train wrongly on
+        without an error. Called once the model is loaded and on its device, before :meth:`apply`."""
+        if self.full_weights:
+            half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in _HALF})
+            if half:
+                raise UserError(
+                    f"method={self.name} trains every weight, and this base is stored in "
+                    f"{', '.join(half)}: optimizer updates would round away in half precision (no fp32 "
+                    "master weights). Load it in float32 (model.dtype=float32) and let mixed precision "
+                    "compute in half (trainer.mixed_precision=bf16), or use a low-rank method (lora, "
+                    "lora_fa)."
+                )
 
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold to rebuild the trained model on top of the base."""
@@ -102,7 +118,9 @@ class Method(abc.ABC):
                 params[name].copy_(value)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        """Trainable parameters split into decay / no-decay (biases, norms, 1-D) groups."""
+        """Trainable parameters split into decay / no-decay (biases, norms, 1-D) groups: what
+        :func:`lrft.optim.build_optimizer` builds the optimizer over. A group may carry options
+        of its own (GaLore's projection settings)."""
         decay, no_decay = [], []
         for _, p in model.named_parameters():
             if p.requires_grad:

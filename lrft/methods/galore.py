@@ -12,14 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
+from lrft.errors import UserError
 from lrft.methods.base import Method, find_targets
 from lrft.methods.registry import register_method
 from lrft.methods.schemas import GaloreConfig
-from lrft.optim import build_optimizer
-from lrft.schema import GALORE_OPTIMIZER
 
 
 @register_method("galore", config=GaloreConfig)
@@ -37,30 +35,38 @@ class Galore(Method):
         names = find_targets(model, list(self.cfg.target_modules or ["all-linear"]))
         return [model.get_submodule(n).weight for n in names]
 
-    def build_optimizer(self, model: nn.Module, ocfg: Any) -> torch.optim.Optimizer:
+    @property
+    def updates_in_backward(self) -> bool:
+        return bool(self.cfg.layerwise)
+
+    def refuse(self, accelerator: Any, model: nn.Module) -> None:
+        super().refuse(accelerator, model)
+        if self.cfg.layerwise and accelerator.num_processes > 1:
+            raise UserError(
+                "layer-wise GaLore (method.layerwise=true) updates each weight inside backward, "
+                "before DDP has averaged its gradient across processes, so ranks would diverge. Use "
+                "method.layerwise=false with several processes, or train layer-wise in one process."
+            )
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Plain decay / no-decay groups, and the target weights in one projected group: its
+        ``rank`` and projection settings make the optimizer GaLore's (:mod:`lrft.optim`)."""
         c = self.cfg
         projected = [p for p in self.projected_weights(model) if p.requires_grad]
         ids = {id(p) for p in projected}
-        groups = self.param_groups(model, ocfg.weight_decay, skip=ids)
-        groups.append(
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in ids:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
             {
                 "params": projected,
-                "weight_decay": ocfg.weight_decay,
+                "weight_decay": weight_decay,
                 "rank": c.rank,
                 "update_proj_gap": c.update_proj_gap,
                 "scale": c.scale,
                 "proj_type": c.proj_type,
-            }
-        )
-        ocfg = OmegaConf.merge(ocfg, {"name": GALORE_OPTIMIZER[ocfg.name]})
-        return build_optimizer([g for g in groups if g["params"]], ocfg, layerwise=c.layerwise)
-
-    def param_groups(
-        self, model: nn.Module, weight_decay: float, skip: set[int] | None = None
-    ) -> list[dict[str, Any]]:
-        skip = skip or set()
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad and id(p) not in skip:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            },
+        ]

@@ -53,7 +53,7 @@ def save_final(
     final = run_dir / "final"
     state = state if state is not None else method.trainable_state_dict(model)
     with staged_dir(final) as tmp:
-        if getattr(method, "full_weights", False):
+        if method.full_weights:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         else:
             save_state(state, tmp / TRAINABLE)
@@ -89,7 +89,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     method = get_method(cfg.method.name)(_method_config(cfg))
     model_cfg = cfg.model.copy()
-    if getattr(method, "full_weights", False):
+    if method.full_weights:
         model_cfg.name_or_path = str(final)
     elif model_cfg.name_or_path is None:
         model_cfg.name_or_path = str(run_dir / "base")
@@ -97,7 +97,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
     tokenizer = AutoTokenizer.from_pretrained(final)
     model = load_model(model_cfg, num_labels=num_labels(cfg.dataset), qcfg=cfg.quantization)
-    if not getattr(method, "full_weights", False):
+    if not method.full_weights:
         defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
         model = method.apply(model, defaults, ApplyContext(restoring=True))
         method.load_trainable(model, load_state(final / TRAINABLE))

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lrft.errors import UserError
+from lrft.methods.base import Method
 from lrft.run.atomic import StagedDir
 from lrft.run.final import COMPLETE, TRAINABLE, load_state, method_config, save_state
 from lrft.train import faults
@@ -103,7 +104,7 @@ def save_checkpoint(
     pos: Position,
     rng: dict[str, Any],
     cfg: DictConfig,
-    method: Any,
+    method: Method,
     model: nn.Module,
     optimizer: Any,
     scheduler: Any,
@@ -184,7 +185,7 @@ def optimizer_per_rank(accelerator: Any, model: nn.Module) -> bool:
     return is_sharded(accelerator.unwrap_model(model)) or accelerator.distributed_type.value == "DEEPSPEED"
 
 
-def gather_trainable(accelerator: Any, model: nn.Module, method: Any) -> dict[str, torch.Tensor]:
+def gather_trainable(accelerator: Any, model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
     """The method's trainable state as full tensors, on every rank: under FSDP2 each rank holds a
     dim-0 shard of every parameter, under ZeRO-3 a partition. Only the trainable tensors are
     gathered (a collective: every rank calls this), never the whole model's state dict."""
@@ -268,7 +269,7 @@ def find_checkpoint(run_dir: Path, resume: str, accelerator: Any = None) -> Path
     return agree_on_checkpoint(accelerator, run_dir, intact)
 
 
-def restore_trainable(ckpt: Path, cfg: DictConfig, method: Any, model: nn.Module) -> None:
+def restore_trainable(ckpt: Path, cfg: DictConfig, method: Method, model: nn.Module) -> None:
     """The checkpoint's trainable weights into the (not yet sharded or wrapped) model, after its
     identity is checked: before sharding, every rank loads whole tensors the plain way."""
     meta = json.loads((ckpt / STATE).read_text())

@@ -22,6 +22,7 @@ from torch import nn
 
 from lrft.errors import Interrupted
 from lrft.export.peft import write_peft_adapter
+from lrft.methods.base import Method
 from lrft.run.final import save_final
 from lrft.run.folder import resume_command
 from lrft.run.plots import write_loss_plot
@@ -62,7 +63,7 @@ class Run:
 
     summary: dict[str, Any]
     model: nn.Module
-    method: Any
+    method: Method
 
 
 def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> Run:
@@ -104,9 +105,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         f"{s.method.name} on {cfg.model.name}: {s.trainable_params:,} of {s.total_params:,} parameters "
         f"train; {acc.num_processes} process(es), mixed precision {acc.mixed_precision}"
     )
-    # layer-wise GaLore updates each weight inside backward and frees its gradient there
-    in_backward = getattr(getattr(optimizer, "optimizer", optimizer), "updates_in_backward", False)
-    policy = StepPolicy(acc, t, in_backward, sharded=s.sharded)
+    policy = StepPolicy(acc, t, s.method.updates_in_backward, sharded=s.sharded)
     unwrapped = acc.unwrap_model(model)
     decoder_inputs = getattr(unwrapped, "prepare_decoder_input_ids_from_labels", None)
     watch = UntrainedWatch(unwrapped, t.untrained_warn_steps)

@@ -25,12 +25,12 @@ from lrft.data import Collator, num_labels
 from lrft.data.packing import MASK_STYLES, PackedCollator, pack_examples
 from lrft.data.pipeline import prepare_split
 from lrft.data.sampling import LengthGroupedSampler
-from lrft.errors import UserError
 from lrft.methods import get_method
-from lrft.methods.base import ApplyContext
+from lrft.methods.base import ApplyContext, Method
 from lrft.methods.layers import use_dropout_kernel
 from lrft.model.load import count_parameters, load_model, load_tokenizer, quantize
 from lrft.model.meta import build_meta_model
+from lrft.optim import build_optimizer
 from lrft.run.topology import Topology
 from lrft.train import materialize, sharding
 from lrft.train.checkpoint import find_checkpoint, restore_trainable
@@ -38,7 +38,6 @@ from lrft.train.policy import resolve_precision
 from lrft.train.state import EpochSampler
 
 PACKAGES = ("lrft", "torch", "transformers", "accelerate", "datasets", "hydra-core", "bitsandbytes", "peft")
-HALF = (torch.float16, torch.bfloat16)
 
 
 def make_accelerator(cfg: DictConfig, run_dir: Path) -> Any:
@@ -99,7 +98,7 @@ class Setup:
     """What the loop works with; built by :func:`setup`."""
 
     model: nn.Module
-    method: Any
+    method: Method
     tokenizer: Any
     optimizer: Any
     scheduler: Any
@@ -200,7 +199,8 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
         loader = DataLoader(
             rows, batch_size=t.batch_size, sampler=sampler, collate_fn=batch_collate, generator=gen
         )
-    optimizer = method.build_optimizer(model, cfg.optimizer)
+    groups = method.param_groups(model, cfg.optimizer.weight_decay)
+    optimizer = build_optimizer(groups, cfg.optimizer, in_backward=method.updates_in_backward)
     if sharded:  # already distributed: accelerate would wrap it in DDP a second time
         optimizer, loader = accelerator.prepare(optimizer, loader)
     else:
@@ -222,7 +222,7 @@ def _load_and_apply(
     accelerator: Any,
     tokenizer: Any,
     train_ex: Any,
-    method: Any,
+    method: Method,
     resume_from: Path | None,
     defaults: dict[str, list[str]],
 ) -> nn.Module:
@@ -243,7 +243,7 @@ def _load_and_apply(
         # probes) then run on the GPU, not the host. A model to shard may not fit one device whole:
         # it stays on the host, and fully_shard moves it over block by block (lrft.train.sharding)
         model = model.to(accelerator.device)
-    _refuse_unsupported(method, model, accelerator)
+    method.refuse(accelerator, model)
     collate = Collator(tokenizer, cfg.model.task)  # calibration batches, as training's
 
     def calibration() -> Iterator[dict[str, Any]]:
@@ -260,23 +260,3 @@ def _load_and_apply(
     if resume_from is not None:
         restore_trainable(resume_from, cfg, method, model)
     return model
-
-
-def _refuse_unsupported(method: Any, model: nn.Module, accelerator: Any) -> None:
-    """Combinations that would train wrongly without an error; refused with what works."""
-    layerwise = getattr(getattr(method, "cfg", None), "layerwise", False)
-    if layerwise and accelerator.num_processes > 1:
-        raise UserError(
-            "layer-wise GaLore (method.layerwise=true) updates each weight inside backward, before "
-            "DDP has averaged its gradient across processes, so ranks would diverge. Use "
-            "method.layerwise=false with several processes, or train layer-wise in one process."
-        )
-    if getattr(method, "full_weights", False):
-        half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in HALF})
-        if half:
-            raise UserError(
-                f"method={method.name} trains every weight, and this base is stored in {', '.join(half)}: "
-                "optimizer updates would round away in half precision (no fp32 master weights). Load it "
-                "in float32 (model.dtype=float32) and let mixed precision compute in half "
-                "(trainer.mixed_precision=bf16), or use a low-rank method (lora, lora_fa)."
-            )
