@@ -20,7 +20,7 @@ systems get exactly those token ids.
 
 Timing: per optimizer step, wall clock and this process's CPU time, from the start of the step's
 forward to the end of its optimizer step (the HF systems: a ``TrainerCallback``, step begin to step
-end; lrft: :func:`lrft.train.loop.forward_backward` to the end of ``StepPolicy.finish``, wrapped
+end; lrft: :func:`lrft.train.loop.forward_backward` to the end of ``StepPolicy.update``, wrapped
 here, nothing changed in the loop). Data loading, logging, setup (composing, tokenizing, building
 and saving the model) and the first ``--warmup`` steps (compilation) are not counted. Each round
 runs every system afresh for ``--warmup`` + ``--steps`` steps on the same first batches, in a
@@ -148,7 +148,7 @@ class LoopClock:
 @contextmanager
 def clocked(clock: LoopClock) -> Iterator[None]:
     """lrft's loop with a clock: step begin where ``forward_backward`` is called, step end where
-    ``StepPolicy.finish`` returns (after clip, optimizer step, zero_grad, scheduler)."""
+    ``StepPolicy.update`` returns (after clip, optimizer step, zero_grad, scheduler)."""
     import lrft.train.loop as loop
 
     forward_backward, policy = loop.forward_backward, loop.StepPolicy
@@ -162,8 +162,8 @@ def clocked(clock: LoopClock) -> Iterator[None]:
         return res
 
     class TimedPolicy(policy):  # type: ignore[misc, valid-type]
-        def finish(self, *a: Any, **k: Any) -> Any:
-            out = super().finish(*a, **k)
+        def update(self, *a: Any, **k: Any) -> Any:
+            out = super().update(*a, **k)
             _sync()
             start, cpu, real = clock._t
             end = (time.perf_counter() - start, time.process_time() - cpu)

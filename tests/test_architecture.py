@@ -1,5 +1,6 @@
 """The layout rules of ``lrft/``, checked from the source: one dependency direction (no import
-cycle, counting imports inside functions), few loose modules, every package saying its role."""
+cycle, counting imports inside functions), few loose modules, every package saying its role, no
+function longer than a reader can hold (80 lines)."""
 
 from __future__ import annotations
 
@@ -167,3 +168,34 @@ def test_every_lrft_import_names_a_module_and_name_that_exist() -> None:
                 if n not in defined and f"{module}.{n}" not in paths and n != "*"
             ]
     assert stale == [], stale
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(root: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``module:function (n lines)`` for each function or method longer than ``limit`` lines,
+    decorators and docstring included."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                lines = node.end_lineno - first + 1
+                if lines > limit:
+                    found.append(f"{module_name(path, root)}:{node.name} ({lines} lines)")
+    return found
+
+
+def test_the_length_check_sees_a_long_method(tmp_path: Path) -> None:
+    pkg = tmp_path / "lrft"
+    pkg.mkdir()
+    body = "\n".join(f"        x{i} = {i}" for i in range(5))
+    (pkg / "m.py").write_text(
+        f"class A:\n    def short(self):\n        pass\n\n    def long(self):\n{body}\n"
+    )
+    assert long_functions(pkg, limit=5) == ["lrft.m:long (6 lines)"]
+
+
+def test_no_function_in_lrft_is_over_80_lines() -> None:
+    assert long_functions() == [], "split these into named phases"

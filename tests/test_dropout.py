@@ -17,7 +17,8 @@ from lrft.memory.measure import saved_activation_bytes
 from lrft.methods import dropout
 from lrft.methods.dropout import drop, fused_for, keep_mask, new_seed
 from lrft.methods.layers import LowRankLinear, use_dropout_kernel
-from lrft.train.setup import make_accelerator, setup
+from lrft.train.engine import make_engine
+from lrft.train.setup import setup
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
@@ -106,7 +107,7 @@ def test_the_config_key_reaches_every_layer(tmp_path):
     the kernels give identical forwards and gradients, so runs with either are the same run)."""
     args = ["method=lora", "method.dropout=0.1", "trainer.cpu=true", "trainer.dropout_kernel=fused"]
     cfg = compose([*args, f"output_dir={tmp_path}"])
-    model = setup(cfg, tmp_path, make_accelerator(cfg, tmp_path)).model
+    model = setup(cfg, tmp_path, make_engine(cfg, tmp_path)).model
     kernels = [m.dropout_kernel for m in model.modules() if isinstance(m, LowRankLinear)]
     assert len(kernels) == 14 and set(kernels) == {"fused"}  # 2 layers x 7 projections
 

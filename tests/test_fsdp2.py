@@ -15,7 +15,8 @@ from test_loop_invariants import COMMON, SGD, eval_records, final_state, max_dif
 from lrft.config.compose import compose
 from lrft.errors import UserError
 from lrft.train import sharding
-from lrft.train.setup import make_accelerator, setup
+from lrft.train.engine import make_engine
+from lrft.train.setup import setup
 
 FSDP = ["trainer.sharding=fsdp2", "trainer.batch_size=1", "trainer.grad_accum=2"]
 
@@ -96,7 +97,7 @@ def test_combinations_fsdp2_cannot_train_are_refused(tmp_path, extra, match):
     args = ["trainer.cpu=true", "trainer.sharding=fsdp2", *extra, f"output_dir={tmp_path}"]
     with pytest.raises(UserError, match=match):
         cfg = compose(args)
-        setup(cfg, tmp_path, make_accelerator(cfg, tmp_path))
+        setup(cfg, tmp_path, make_engine(cfg, tmp_path))
 
 
 def test_deepspeed_accumulation_is_refused():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from lrft.config.compose import compose
 from lrft.errors import UserError
 from lrft.train import faults, train
-from lrft.train.policy import resolve_precision
+from lrft.train.engine import resolve_precision
 
 COMMON = [
     "trainer.log_every=1",

@@ -94,7 +94,11 @@ class Logger:
         self._zero()
 
 
-def run_eval(accelerator: Any, model: Any, tokenizer: Any, examples: list, cfg: DictConfig) -> dict[str, Any]:
+def evaluate_in_loop(
+    accelerator: Any, model: Any, tokenizer: Any, examples: list, cfg: DictConfig
+) -> dict[str, Any]:
+    """Eval metrics of the model being trained, on the run's eval split (``lrft eval`` is
+    :func:`lrft.evaluate.run.run_eval`, on a finished run)."""
     t = cfg.trainer
     unwrapped = accelerator.unwrap_model(model)
     bs = t.eval_batch_size or t.batch_size

@@ -14,7 +14,6 @@ One host synchronisation per optimizer step: the decision itself.
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -22,29 +21,10 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
-from lrft.schema import PRECISIONS
 from lrft.train.guards import check_gradients, nan_message
 from lrft.train.sharding import whole
 from lrft.train.state import TrainState
 from lrft.train.step import StepResult
-
-
-def resolve_precision(requested: str | None) -> str:
-    """``trainer.mixed_precision``: null follows the launcher (``accelerate launch
-    --mixed_precision``, an accelerate config file: both set ACCELERATE_MIXED_PRECISION), else no.
-    An explicit value that contradicts the launcher is refused: which one wins would be a guess."""
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION") or None
-    if requested is None:
-        return launcher or "no"
-    if requested not in PRECISIONS:
-        raise UserError(f"trainer.mixed_precision={requested!r} is not valid. Valid: null, no, fp16, bf16.")
-    if launcher and launcher != requested:
-        raise UserError(
-            f"trainer.mixed_precision={requested} contradicts the launcher's mixed precision {launcher} "
-            "(ACCELERATE_MIXED_PRECISION, set by `accelerate launch --mixed_precision` or its config "
-            "file). Drop trainer.mixed_precision to use the launcher's, or launch with the same value."
-        )
-    return requested
 
 
 class StepPolicy:
@@ -57,7 +37,7 @@ class StepPolicy:
         self.t = tcfg
         self.in_backward = updates_in_backward  # layer-wise GaLore: nothing left to clip or check
         self.fp16 = accelerator.mixed_precision == "fp16"
-        # on CPU accelerate does not autocast fp16 itself (its GradScaler is set in make_accelerator)
+        # on CPU accelerate does not autocast fp16 itself (its GradScaler is set in make_engine)
         self._cpu_autocast = self.fp16 and accelerator.device.type == "cpu"
         # a model lrft sharded itself never went through accelerate's prepare, which autocasts
         self._own_autocast = sharded and accelerator.mixed_precision != "no"
@@ -74,8 +54,9 @@ class StepPolicy:
     def scale(self) -> float | None:
         return self.acc.scaler.get_scale() if self.acc.scaler is not None else None
 
-    def finish(self, model: nn.Module, optimizer: Any, scheduler: Any, res: StepResult, state: TrainState):
-        """Clip, check, then step or skip; the same outcome on every rank."""
+    def update(self, model: nn.Module, optimizer: Any, scheduler: Any, res: StepResult, state: TrainState):
+        """The optimizer update of one window: clip, check, then ``optimizer.step()`` or skip it,
+        the same outcome on every rank; then zero the gradients and step the scheduler."""
         bad = res.bad
         if self.acc.num_processes > 1:
             bad = self.acc.reduce(bad.clone(), "sum")

@@ -1,7 +1,8 @@
 """Everything before the first step, in the order a reader asks about it:
 
-accelerator (precision, processes) -> data -> model on its device -> method -> loader, prepare ->
-schedule length (measured after prepare) -> optimizer and scheduler.
+data -> model on its device -> method -> (sharding) -> loader -> optimizer, prepare -> schedule
+length (measured after prepare) -> scheduler. The engine (accelerator, precision, sharding) comes
+before, from :func:`lrft.train.engine.make_engine`.
 """
 
 from __future__ import annotations
@@ -34,42 +35,17 @@ from lrft.optim import build_optimizer
 from lrft.run.topology import Topology
 from lrft.train import materialize, sharding
 from lrft.train.checkpoint import find_checkpoint, restore_trainable
-from lrft.train.policy import resolve_precision
+from lrft.train.engine import Engine
 from lrft.train.state import EpochSampler
 
 PACKAGES = ("lrft", "torch", "transformers", "accelerate", "datasets", "hydra-core", "bitsandbytes", "peft")
 
 
-def make_accelerator(cfg: DictConfig, run_dir: Path) -> Any:
-    """One Accelerator per run. Accumulation is done by the step (token-weighted over the window),
-    so accelerate's own loss division by ``gradient_accumulation_steps`` stays off."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    t = cfg.trainer
-    t.sharding = sharding.requested(t)  # before the Accelerator: an FSDP launch is taken over here
-    precision = resolve_precision(t.mixed_precision)
-    AcceleratorState._reset_state()  # a second run in one process may use another precision
-    acc = Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=1,
-        cpu=t.cpu,
-        log_with=t.report_to,
-        project_dir=str(run_dir),
-    )
-    if precision == "fp16" and acc.scaler is None:
-        # accelerate runs fp16 only on accelerators; torch's CPU autocast and GradScaler do the same
-        # arithmetic, so fp16 runs (and is tested) on CPU through the same code path. Before
-        # prepare: the prepared optimizer steps through this scaler.
-        acc.scaler = torch.amp.GradScaler(acc.device.type)
-        acc.native_amp = True  # lets accelerate unscale gradients before clipping
-    return acc
-
-
 def write_run_files(
-    cfg: DictConfig, run_dir: Path, overrides: list[str], accelerator: Any, topo: Topology | None = None
+    cfg: DictConfig, run_dir: Path, overrides: list[str], engine: Engine, topo: Topology | None = None
 ) -> None:
     """The resolved config, the overrides, package versions and how the run actually ran."""
+    accelerator = engine.accelerator
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     versions = {}
@@ -87,6 +63,7 @@ def write_run_files(
         "mixed_precision": accelerator.mixed_precision,
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,
+        "sharding": engine.sharding,  # an accelerate FSDP launch: fsdp2 whatever trainer.sharding says
         "device": str(accelerator.device),
         "topology": (topo or Topology(accelerator.num_processes)).as_dict(),
     }
@@ -122,89 +99,40 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any, total: int) -> 
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
-    from torch.utils.data import DataLoader
-
-    t, task = cfg.trainer, cfg.model.task
-    sharding.refuse(t.sharding, cfg, accelerator)
+def setup(cfg: DictConfig, run_dir: Path, engine: Engine) -> Setup:
+    """Data, model, loader, optimizer: everything the loop needs, in that order."""
+    t, task, acc = cfg.trainer, cfg.model.task, engine.accelerator
+    sharding.refuse(engine.sharding, cfg, acc)
     # data first: a bad file should fail before a large model is loaded. Tokenized once into a
     # memory-mapped cache (one process prepares it, the others wait, then all read it)
     tokenizer = load_tokenizer(cfg.model)
-    train_ex = prepare_split(cfg.dataset, "train", task, tokenizer, accelerator=accelerator, seed=t.seed)
-    eval_ex = prepare_split(cfg.dataset, "eval", task, tokenizer, accelerator=accelerator)
+    train_ex = prepare_split(cfg.dataset, "train", task, tokenizer, accelerator=acc, seed=t.seed)
+    eval_ex = prepare_split(cfg.dataset, "eval", task, tokenizer, accelerator=acc)
     streaming = not hasattr(train_ex, "__len__")
-
     # with several processes a collective: every one must agree on the same step
-    resume_from = find_checkpoint(run_dir, t.resume, accelerator) if t.resume else None
+    resume_from = find_checkpoint(run_dir, t.resume, acc) if t.resume else None
     method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
-    defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
-    collate = Collator(tokenizer, task)
-    sharded = t.sharding == "fsdp2"
-    # sharded over several processes: the model is loaded once, by rank 0 (lrft.train.materialize)
-    handover = materialize.Handover(accelerator) if sharded and accelerator.num_processes > 1 else None
-    full_state = None
-    if handover is None or handover.source:
-        try:
-            model = _load_and_apply(
-                cfg, run_dir, accelerator, tokenizer, train_ex, method, resume_from, defaults
-            )
-        except BaseException as err:
-            if handover is not None:
-                handover.fail(err)  # the other ranks raise it instead of waiting
-            raise
-        if handover is not None:
-            full_state = handover.send(model)
-    else:
-        config, layout = handover.receive()
-        model = method.apply(build_meta_model(cfg.model, config), defaults, ApplyContext(restoring=True))
-        materialize.conform(model, layout)
-    use_dropout_kernel(model, t.get("dropout_kernel", "auto"))
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False  # no KV cache while training: it only costs memory
-    n_train, n_total = count_parameters(model)  # before sharding: whole counts
-    if sharded:  # before compile and before the optimizer, which must hold the sharded parameters
-        model = sharding.shard(model, accelerator)
-        if handover is not None:
-            materialize.fill(model, full_state, accelerator)  # rank 0's weights into every shard
-            del full_state
 
-    rows, batch_collate = train_ex, collate
-    if cfg.dataset.packing:  # whole examples concatenated into rows of max_length (lrft.data.packing)
-        rows = pack_examples(train_ex, int(cfg.dataset.max_length))
-        # compiled: one shape for every batch (nothing recompiles) and an explicit block mask, not
-        # transformers' version-dependent detection of packed rows
-        attn = getattr(model.config, "_attn_implementation", None)
-        batch_collate = PackedCollator(
-            collate.pad_id,
-            pad_to=int(cfg.dataset.max_length) if t.compile else None,
-            mask=MASK_STYLES.get(attn) if t.compile else None,
-        )
+    model, handover, full_state = _build_model(cfg, run_dir, engine, tokenizer, train_ex, method, resume_from)
+    _for_training(model, t)
+    n_train, n_total = count_parameters(model)  # before sharding: whole counts
+    if engine.sharded:  # before compile and before the optimizer, which must hold the sharded parameters
+        model = sharding.shard(model, acc)
+        if handover is not None:
+            materialize.fill(model, full_state, acc)  # rank 0's weights into every shard
+            del full_state
     if t.compile:
         # in place, after the method (its layers compile with the rest): the module, its parameter
         # names and so checkpoints stay those of the eager model
         model.compile(backend=t.compile_backend)
-    # its own generator: creating an iterator then draws no number from the global RNG (dropout)
-    gen = torch.Generator().manual_seed(t.seed)
-    if streaming:  # read as it comes: no sampler, resume skips the batches already seen
-        sampler = None
-        loader = DataLoader(rows, batch_size=t.batch_size, collate_fn=batch_collate)
-    else:
-        if t.group_by_length:
-            lengths = [len(r["input_ids"]) for r in rows]
-            sampler = LengthGroupedSampler(lengths, t.batch_size, t.seed)
-        else:
-            sampler = EpochSampler(len(rows), t.seed)
-        loader = DataLoader(
-            rows, batch_size=t.batch_size, sampler=sampler, collate_fn=batch_collate, generator=gen
-        )
+    loader, sampler = _loader(cfg, model, tokenizer, train_ex, streaming)
+
     groups = method.param_groups(model, cfg.optimizer.weight_decay)
     optimizer = build_optimizer(groups, cfg.optimizer, in_backward=method.updates_in_backward)
-    if sharded:  # already distributed: accelerate would wrap it in DDP a second time
-        optimizer, loader = accelerator.prepare(optimizer, loader)
+    if engine.sharded:  # already distributed: accelerate would wrap it in DDP a second time
+        optimizer, loader = acc.prepare(optimizer, loader)
     else:
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        model, optimizer, loader = acc.prepare(model, optimizer, loader)
     # measured on the sharded loader: N processes with the same global batch take as many steps as
     # one; a last, shorter accumulation window still makes a step
     steps_per_epoch = t.max_steps if streaming else max(1, math.ceil(len(loader) / t.grad_accum))
@@ -212,14 +140,81 @@ def setup(cfg: DictConfig, run_dir: Path, accelerator: Any) -> Setup:
     scheduler = build_scheduler(optimizer, t, total)
     return Setup(
         model, method, tokenizer, optimizer, scheduler, loader, sampler, eval_ex,
-        total, steps_per_epoch, t.grad_accum, n_train, n_total, resume_from, sharded,
+        total, steps_per_epoch, t.grad_accum, n_train, n_total, resume_from, engine.sharded,
     )  # fmt: skip
+
+
+def _build_model(
+    cfg: DictConfig,
+    run_dir: Path,
+    engine: Engine,
+    tokenizer: Any,
+    train_ex: Any,
+    method: Method,
+    resume_from: Path | None,
+) -> tuple[nn.Module, materialize.Handover | None, Any]:
+    """The model with the method applied. Sharded over several processes it is loaded once, by
+    rank 0 (:mod:`lrft.train.materialize`): the others build it on the meta device and receive
+    its layout; returned with the handover and rank 0's full state for the shards to fill."""
+    acc = engine.accelerator
+    defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
+    handover = materialize.Handover(acc) if engine.sharded and acc.num_processes > 1 else None
+    if handover is not None and not handover.source:
+        config, layout = handover.receive()
+        model = method.apply(build_meta_model(cfg.model, config), defaults, ApplyContext(restoring=True))
+        materialize.conform(model, layout)
+        return model, handover, None
+    try:
+        model = _load_and_apply(cfg, run_dir, engine, tokenizer, train_ex, method, resume_from, defaults)
+    except BaseException as err:
+        if handover is not None:
+            handover.fail(err)  # the other ranks raise it instead of waiting
+        raise
+    return model, handover, handover.send(model) if handover is not None else None
+
+
+def _for_training(model: nn.Module, t: Any) -> None:
+    use_dropout_kernel(model, t.get("dropout_kernel", "auto"))
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # no KV cache while training: it only costs memory
+
+
+def _loader(
+    cfg: DictConfig, model: nn.Module, tokenizer: Any, train_ex: Any, streaming: bool
+) -> tuple[Any, Any]:
+    """The training DataLoader and its sampler (None for streamed data)."""
+    from torch.utils.data import DataLoader
+
+    t = cfg.trainer
+    rows, collate = train_ex, Collator(tokenizer, cfg.model.task)
+    if cfg.dataset.packing:  # whole examples concatenated into rows of max_length (lrft.data.packing)
+        rows = pack_examples(train_ex, int(cfg.dataset.max_length))
+        # compiled: one shape for every batch (nothing recompiles) and an explicit block mask, not
+        # transformers' version-dependent detection of packed rows
+        attn = getattr(model.config, "_attn_implementation", None)
+        collate = PackedCollator(
+            collate.pad_id,
+            pad_to=int(cfg.dataset.max_length) if t.compile else None,
+            mask=MASK_STYLES.get(attn) if t.compile else None,
+        )
+    if streaming:  # read as it comes: no sampler, resume skips the batches already seen
+        return DataLoader(rows, batch_size=t.batch_size, collate_fn=collate), None
+    if t.group_by_length:
+        sampler: Any = LengthGroupedSampler([len(r["input_ids"]) for r in rows], t.batch_size, t.seed)
+    else:
+        sampler = EpochSampler(len(rows), t.seed)
+    # its own generator: creating an iterator then draws no number from the global RNG (dropout)
+    gen = torch.Generator().manual_seed(t.seed)
+    loader = DataLoader(rows, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, generator=gen)
+    return loader, sampler
 
 
 def _load_and_apply(
     cfg: DictConfig,
     run_dir: Path,
-    accelerator: Any,
+    engine: Engine,
     tokenizer: Any,
     train_ex: Any,
     method: Method,
@@ -230,7 +225,7 @@ def _load_and_apply(
     the checkpoint's trainable weights restored: whole tensors, before any sharding or wrapping."""
     from torch.utils.data import DataLoader
 
-    t = cfg.trainer
+    t, accelerator = cfg.trainer, engine.accelerator
     random_init = cfg.model.name_or_path is None
     model = load_model(cfg.model, num_labels(cfg.dataset), qcfg=None if random_init else cfg.quantization)
     if random_init:
@@ -238,7 +233,7 @@ def _load_and_apply(
             model.save_pretrained(run_dir / "base")  # (to reload and merge the run)
             tokenizer.save_pretrained(run_dir / "base")
         model = quantize(model, cfg.model, cfg.quantization)
-    if not cfg.model.device_map and t.sharding == "none":
+    if not cfg.model.device_map and not engine.sharded:
         # on the device BEFORE the method: data-aware inits (PiSSA's SVD, LoRA-GA's gradient
         # probes) then run on the GPU, not the host. A model to shard may not fit one device whole:
         # it stays on the host, and fully_shard moves it over block by block (lrft.train.sharding)
@@ -254,7 +249,7 @@ def _load_and_apply(
 
     # sharded: the model is still on the host, where a device collective (NCCL) cannot reduce, and
     # only rank 0 holds it: the data-aware init runs there on the whole calibration set
-    split = accelerator if t.sharding == "none" else None
+    split = None if engine.sharded else accelerator
     ctx = ApplyContext(calibration=calibration, accelerator=split, restoring=resume_from is not None)
     model = method.apply(model, defaults, ctx)
     if resume_from is not None:

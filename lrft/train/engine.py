@@ -1,0 +1,77 @@
+"""The engine a run trains on: the Accelerator, and what was decided about it from the config and
+the launcher (precision, sharding). Kept in its own record so the validated config is never
+rewritten: ``trainer.sharding=none`` under an accelerate FSDP launch stays ``none`` in the config,
+and ``Engine.sharding`` says ``fsdp2``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lrft.errors import UserError
+from lrft.schema import PRECISIONS
+from lrft.train import sharding
+
+
+@dataclass(frozen=True)
+class Engine:
+    """``accelerator``: the run's one Accelerator. ``sharding``: ``none`` or ``fsdp2`` (lrft shards
+    the model itself, :mod:`lrft.train.sharding`). ``precision``: the mixed precision in force."""
+
+    accelerator: Any
+    sharding: str
+    precision: str
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding == "fsdp2"
+
+
+def resolve_precision(requested: str | None) -> str:
+    """``trainer.mixed_precision``: null follows the launcher (``accelerate launch
+    --mixed_precision``, an accelerate config file: both set ACCELERATE_MIXED_PRECISION), else no.
+    An explicit value that contradicts the launcher is refused: which one wins would be a guess."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION") or None
+    if requested is None:
+        return launcher or "no"
+    if requested not in PRECISIONS:
+        raise UserError(f"trainer.mixed_precision={requested!r} is not valid. Valid: null, no, fp16, bf16.")
+    if launcher and launcher != requested:
+        raise UserError(
+            f"trainer.mixed_precision={requested} contradicts the launcher's mixed precision {launcher} "
+            "(ACCELERATE_MIXED_PRECISION, set by `accelerate launch --mixed_precision` or its config "
+            "file). Drop trainer.mixed_precision to use the launcher's, or launch with the same value."
+        )
+    return requested
+
+
+def make_engine(cfg: DictConfig, run_dir: Path) -> Engine:
+    """One Accelerator per run. Accumulation is done by the step (token-weighted over the window),
+    so accelerate's own loss division by ``gradient_accumulation_steps`` stays off."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    t = cfg.trainer
+    mode = sharding.requested(t)  # before the Accelerator: an FSDP launch is taken over here
+    precision = resolve_precision(t.mixed_precision)
+    AcceleratorState._reset_state()  # a second run in one process may use another precision
+    acc = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=1,
+        cpu=t.cpu,
+        log_with=t.report_to,
+        project_dir=str(run_dir),
+    )
+    if precision == "fp16" and acc.scaler is None:
+        # accelerate runs fp16 only on accelerators; torch's CPU autocast and GradScaler do the same
+        # arithmetic, so fp16 runs (and is tested) on CPU through the same code path. Before
+        # prepare: the prepared optimizer steps through this scaler.
+        acc.scaler = torch.amp.GradScaler(acc.device.type)
+        acc.native_amp = True  # lets accelerate unscale gradients before clipping
+    return Engine(acc, mode, precision)
