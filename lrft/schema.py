@@ -182,6 +182,7 @@ MODEL_DTYPES = (*DTYPES, "auto")  # model.dtype: auto keeps the checkpoint's own
 QUANT_TYPES = ("none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = DTYPES
 QUANT_STORAGE = ("uint8", *DTYPES)
+TRUTHY = ("1", "true", "yes", "on")  # what an environment variable set to "on" may say
 PRECISIONS = ("no", "fp16", "bf16")  # trainer.mixed_precision (null: bf16 where supported, else no)
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 ON_NAN = ("stop", "skip")

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lrft.errors import UserError
+from lrft.schema import TRUTHY
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 PROBE_TIMEOUT_S = 3.0
@@ -22,7 +23,7 @@ _reachable: dict[str, bool] = {}  # one probe per host and process
 
 def offline_by_env(repo_type: str = "model") -> bool:
     names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if repo_type == "dataset" else OFFLINE_VARS[:2]
-    return any(os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on") for n in names)
+    return any(os.environ.get(n, "").strip().lower() in TRUTHY for n in names)
 
 
 def cached(repo_id: str, repo_type: str = "model", revision: str | None = None) -> bool:

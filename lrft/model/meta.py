@@ -8,7 +8,6 @@ in for them, each only for meta tensors and only while it is active.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from lrft.errors import UserError
 from lrft.model.dtypes import TORCH_DTYPES
+from lrft.model.hub import offline_by_env
 
 # Published config.json values of the models lrft has recipes for, so `lrft memory` works offline.
 # Used only when the hub cache has no copy; the output says which source it took.
@@ -88,7 +88,7 @@ def resolve_config(mcfg: Any, num_labels: int | None) -> tuple[Any, str]:
         return AutoConfig.for_model(
             known.pop("model_type"), **known, **kw
         ), f"{src} (bundled copy of config.json)"
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+    if not offline_by_env():
         try:
             cfg = AutoConfig.from_pretrained(src, revision=mcfg.revision, trust_remote_code=remote, **kw)
             return cfg, f"{src} config.json (hub)"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lrft.errors import UserError
+from lrft.schema import TRUTHY
 
 # every name lrft (or Hydra, or a tracker it starts) writes into a run folder
 RUN_FILES = (
@@ -100,7 +101,7 @@ def _override_value(overrides: list[str], key: str) -> str | None:
 
 
 def _truthy(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in ("true", "1", "yes", "on")
+    return value is not None and value.strip().lower() in TRUTHY
 
 
 def _is_off(value: str | None) -> bool:

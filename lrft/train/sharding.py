@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
-from lrft.schema import SHARDINGS
+from lrft.schema import SHARDINGS, TRUTHY
 
 
 def requested(tcfg: Any) -> str:
@@ -36,7 +36,7 @@ def requested(tcfg: Any) -> str:
     mode = tcfg.sharding
     if mode not in SHARDINGS:
         raise UserError(f"trainer.sharding={mode!r} is not valid. Valid: {', '.join(SHARDINGS)}.")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("true", "1"):
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in TRUTHY:
         return mode
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
@@ -46,7 +46,7 @@ def requested(tcfg: Any) -> str:
             "adapters inside a bf16 block fail at wrap time. Set `fsdp_version: 2` (see "
             "configs/accelerate/fsdp.yaml), or launch plainly and add trainer.sharding=fsdp2."
         )
-    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("true", "1"):
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in TRUTHY:
         raise UserError(
             "fsdp_offload_params: true is not supported by lrft's FSDP2 path (untested). Set it to "
             "false; for a model that does not fit, add quantization or more processes."
