@@ -17,11 +17,11 @@ from torch import nn
 from lrft.cli.memory import compose_memory, memory_main
 from lrft.errors import UserError
 from lrft.memory.measure import LiveBytes, SavedTensors, activation_profile
+from lrft.memory.on_meta import meta_forward
 from lrft.memory.plan import Planner, optimizer_state_bytes
 from lrft.methods.base import ApplyContext
 from lrft.methods.registry import get_method
 from lrft.model.load import load_model
-from lrft.model.meta import meta_forward
 from lrft.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent

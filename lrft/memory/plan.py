@@ -33,7 +33,8 @@ from torch import nn
 
 from lrft.errors import UserError
 from lrft.memory.measure import ActivationProfile, LiveBytes, activation_profile
-from lrft.model.meta import GLUE_TARGET_TOKENS, build_meta_model, meta_forward, resolve_config
+from lrft.memory.on_meta import meta_forward
+from lrft.model.meta import GLUE_TARGET_TOKENS, build_meta_model, resolve_config
 from lrft.optim import build_optimizer
 from lrft.schema import GALORE_OPTIMIZER
 
