@@ -125,6 +125,9 @@ class TrainerConfig:
     # null: what the launcher set (accelerate launch --mixed_precision / its config file), else no
     mixed_precision: str | None = None  # null | no | fp16 | bf16
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    # causal LMs: the loss computes the logits this many positions at a time and recomputes them in
+    # backward, never the whole [tokens x vocab] (lrft.model.loss); 0: from the full logits
+    loss_chunk: int = 1024
     max_grad_norm: float = 1.0  # 0 disables clipping
     lr_scheduler: str = "linear"  # linear | cosine | constant
     warmup_steps: int = 0  # linear warmup steps (wins over warmup_ratio)

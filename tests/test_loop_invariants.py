@@ -26,6 +26,7 @@ COMMON = [
     "method.dropout=0.0",
     "trainer.cpu=true",
     "trainer.max_grad_norm=0",
+    "trainer.loss_chunk=7",  # the chunked loss in many chunks of positions, not one
 ]
 WITH_EVAL = [a for a in COMMON if "eval_every" not in a]
 SGD = ["optimizer=sgd", "optimizer.lr=0.5"]
@@ -108,7 +109,9 @@ def test_two_processes_equal_one_in_epoch_mode(tmp_path, method, opt, tol):
     evals = [eval_records(d)[0] for d in (tmp_path / "one", two)]
     assert evals[0]["step"] == evals[1]["step"] == 0, evals
     assert evals[0]["eval/n"] == evals[1]["eval/n"] == 16, evals
-    assert evals[1]["eval/loss"] == pytest.approx(evals[0]["eval/loss"], rel=1e-12)
+    # a padded row's hidden states move at float32 rounding with its batch's padding (~7e-7 here),
+    # so the merged loss agrees to ~1e-8, not bit for bit; a wrong merge (a mean of means) is ~1e-2
+    assert evals[1]["eval/loss"] == pytest.approx(evals[0]["eval/loss"], rel=1e-6)
 
 
 def eval_records(run_dir: Path) -> list[dict]:

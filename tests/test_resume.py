@@ -187,24 +187,26 @@ def test_disk_full_stops_before_writing_and_loses_nothing(tmp_path, monkeypatch,
 
 @pytest.fixture
 def nan_at_micro_batch(monkeypatch):
-    """The 9th forward (step 5's first micro-batch) returns a NaN loss."""
+    """The 9th forward (step 5's first micro-batch) returns NaN hidden states, so a NaN loss
+    (the chunked loss reads the decoder body's output, not the model's logits)."""
     import lrft.train.setup
 
     real = lrft.train.setup.load_model
 
     def load(*args, **kwargs):
         model = real(*args, **kwargs)
-        forward, calls = model.forward, {"n": 0}
+        body = model.base_model
+        forward, calls = body.forward, {"n": 0}
 
         def poisoned(*a, **kw):
             out = forward(*a, **kw)
             if model.training:
                 calls["n"] += 1
                 if calls["n"] == 9:
-                    out.logits = out.logits * float("nan")
+                    out.last_hidden_state = out.last_hidden_state * float("nan")
             return out
 
-        model.forward = poisoned
+        body.forward = poisoned
         return model
 
     monkeypatch.setattr(lrft.train.setup, "load_model", load)

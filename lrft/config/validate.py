@@ -76,6 +76,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "grad_accum"):
         if t[key] < 1:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")
+    if t.get("loss_chunk", 0) < 0:
+        raise UserError(
+            f"trainer.loss_chunk must be >= 0 (positions per chunk of logits; 0: the full logits), "
+            f"got {t.loss_chunk}."
+        )
     if t.max_steps == 0 or t.max_steps < -1:
         raise UserError(
             f"trainer.max_steps={t.max_steps} would train nothing: set trainer.max_steps > 0, or -1 to "

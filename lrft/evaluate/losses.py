@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrft.data.collate import IGNORE_INDEX
+from lrft.model.loss import DEFAULT_CHUNK, causal_lm_loss
 
 
 def token_loss(
@@ -21,9 +22,10 @@ def token_loss(
     loss_sum, tokens = 0.0, 0
     for batch, _ in batches:
         label_ids = batch.pop("labels")
-        if task == "causal":
-            logits = model(**batch).logits
-            s, t = loss_sum_of(logits[:, :-1], label_ids[:, 1:])
+        if task == "causal":  # in chunks of positions: never the whole [tokens x vocab] logits
+            with torch.no_grad():
+                s = causal_lm_loss(model, batch, label_ids, DEFAULT_CHUNK).item()
+            t = int((label_ids[:, 1:] != IGNORE_INDEX).sum().item())
         else:
             s, t = seq2seq_loss_sum(model, batch, label_ids)
         loss_sum, tokens = loss_sum + s, tokens + t

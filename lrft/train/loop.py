@@ -165,7 +165,7 @@ def _steps(live: Live) -> None:
     for window in _windows(acc, s, state):
         res = forward_backward(
             acc, s.model, window, live.cfg.model.task, decoder_inputs=decoder_inputs,
-            autocast=policy.autocast, step=state.pos.step,
+            autocast=policy.autocast, step=state.pos.step, loss_chunk=t.loss_chunk,
         )  # fmt: skip
         policy.update(s.model, s.optimizer, s.scheduler, res, state)
         logger.add(res)

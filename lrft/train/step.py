@@ -21,52 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lrft.data.packing import batch_token_stats
+from lrft.model.loss import DEFAULT_CHUNK, loss_count, loss_sum
 from lrft.train import faults
 from lrft.train.sharding import no_sync
-
-IGNORE_INDEX = -100
-
-
-def loss_count(batch: dict[str, Any], task: str) -> torch.Tensor:
-    """How many terms the loss of ``batch`` sums: predicted label tokens, or examples."""
-    labels = batch["labels"]
-    if task == "classification":
-        return torch.tensor(labels.shape[0], device=labels.device)
-    if task == "causal":  # the first position predicts nothing: labels shift left by one
-        labels = labels[:, 1:]
-    return (labels != IGNORE_INDEX).sum()
-
-
-def loss_sum(model: nn.Module, batch: dict[str, Any], task: str, decoder_inputs: Callable | None = None):
-    """Summed (not averaged) float32 loss of one micro-batch.
-
-    ``decoder_inputs(labels)`` builds a seq2seq model's decoder inputs (T5 shifts right); the
-    model computes no loss of its own, so nothing is reduced twice.
-    """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if task == "seq2seq":
-        if decoder_inputs is not None:
-            inputs["decoder_input_ids"] = decoder_inputs(labels=labels)
-        else:  # models that only shift labels inside forward
-            inputs["labels"] = labels
-    logits = model(**inputs).logits
-    if task == "classification":
-        if logits.shape[-1] == 1:  # regression (STS-B): squared error, as transformers' MSELoss
-            return ((logits.squeeze(-1).float() - labels.float()) ** 2).sum()
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
-    if task == "causal":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
 
 
 @dataclass
@@ -89,6 +49,7 @@ def forward_backward(
     decoder_inputs: Callable | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     step: int = 0,
+    loss_chunk: int = DEFAULT_CHUNK,
 ) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step (gradients accumulate).
 
@@ -110,7 +71,7 @@ def forward_backward(
         sync = nullcontext() if i == len(window) - 1 else no_sync(accelerator, model)
         with sync:
             with autocast():
-                s = loss_sum(model, batch, task, decoder_inputs)
+                s = loss_sum(model, batch, task, decoder_inputs, loss_chunk, upstream=scale)
             if nan_fault:
                 s = s * float("nan")
             finite = torch.isfinite(s)
