@@ -124,9 +124,16 @@ class TrainerConfig:
     seed: int = 42  # data order, dropout and adapter init
     # null: what the launcher set (accelerate launch --mixed_precision / its config file), else no
     mixed_precision: str | None = None  # null | no | fp16 | bf16
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
-    # causal LMs: the loss computes the logits this many positions at a time and recomputes them in
-    # backward, never the whole [tokens x vocab] (lrft.model.loss); 0: from the full logits
+    # recompute blocks in backward instead of keeping their activations (lrft.model.activations):
+    # false | true (every block) | N (N of the L blocks, evenly spread) | auto (the fewest that fit
+    # memory.budget_gb, or the device's memory)
+    gradient_checkpointing: Any = False
+    offload_activations: bool = False  # saved activations to pinned host memory (CUDA; CPU: no-op)
+    # auto: micro-batch, accumulation (the global batch kept), checkpointed blocks and offload chosen
+    # by the planner (lrft memory) to fit memory.budget_gb; recorded in run_info.json
+    memory_plan: str = "none"  # none | auto
+    # causal LMs: the loss computes the logits this many positions at a time (their gradients too),
+    # never the whole [tokens x vocab] (lrft.model.loss); 0: from the full logits
     loss_chunk: int = 1024
     max_grad_norm: float = 1.0  # 0 disables clipping
     lr_scheduler: str = "linear"  # linear | cosine | constant
@@ -159,6 +166,12 @@ class TrainerConfig:
 
 
 @dataclass
+class BudgetConfig:
+    budget_gb: float | None = None  # GiB per device the run must fit (trainer.memory_plan=auto)
+    target_length: int | None = None  # seq2seq decoder length planned; null: max_length or 8
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     method: Any = MISSING  # the method's own schema (see lrft.methods.registry)
@@ -166,6 +179,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = MISSING
     dataset: DatasetConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    memory: BudgetConfig = field(default_factory=BudgetConfig)
     output_dir: str = MISSING
 
 
@@ -192,6 +206,7 @@ ON_NAN = ("stop", "skip")
 SHARDINGS = ("none", "fsdp2")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "cudagraphs")
 DROPOUT_KERNELS = ("auto", "eager", "fused")
+MEMORY_PLANS = ("none", "auto")
 # GaLore lives in the optimizer: under method=galore, AdamW runs as GaLore-AdamW (8-bit too)
 GALORE_OPTIMIZER = {
     "adamw": "galore_adamw",

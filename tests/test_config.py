@@ -80,6 +80,11 @@ def test_real_models_keep_their_hub_ids_and_local_override():
         (["trainer.mixed_precision=fp8"], "trainer.mixed_precision='fp8' is not valid"),
         (["method.dropout=1.5"], "method.dropout must be in [0, 1)"),
         (["method.r=abc"], "could not be converted to Integer"),
+        (["trainer.gradient_checkpointing=some"], "use false, true (every block), a number N"),
+        (["trainer.gradient_checkpointing=-1"], "use false, true (every block), a number N"),
+        (["trainer.memory_plan=yes"], "trainer.memory_plan='yes' is not valid"),
+        (["memory.budget_gb=0"], "memory.budget_gb must be > 0"),
+        (["memory.budget=3"], "Did you mean: budget_gb"),
     ],
 )
 def test_bad_overrides_fail_with_a_clear_message(overrides, needle):

@@ -169,10 +169,11 @@ def test_mixed_precision_and_gradient_checkpointing(tmp_path):
         *overrides_for("tiny_llama", tmp_path),
         "trainer.max_steps=3",
         "trainer.mixed_precision=bf16",
-        "trainer.gradient_checkpointing=true",
+        "trainer.gradient_checkpointing=1",  # one of the two blocks
         "trainer.grad_accum=2",
     ]
     _, result = run(tmp_path, overrides)
+    assert [b.gradient_checkpointing for b in result.model.model.layers] == [True, False]
     assert result.summary["steps"] == 3 and result.summary["train_loss"] == result.summary["train_loss"]
 
 

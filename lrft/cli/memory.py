@@ -16,7 +16,14 @@ from rich.console import Console
 from rich.table import Table
 
 from lrft.errors import UserError
-from lrft.schema import DatasetConfig, ModelConfig, OptimizerConfig, QuantizationConfig, TrainerConfig
+from lrft.schema import (
+    BudgetConfig,
+    DatasetConfig,
+    ModelConfig,
+    OptimizerConfig,
+    QuantizationConfig,
+    TrainerConfig,
+)
 
 MAX_COLUMNS = 8
 GIB = 1 << 30
@@ -37,9 +44,8 @@ Sizes are GiB (2^30 bytes). Activations are counted from a forward pass on PyTor
 
 
 @dataclass
-class MemorySection:
-    budget_gb: float | None = None  # GiB per device: report the largest micro-batch that fits
-    target_length: int | None = None  # seq2seq decoder length; null: max_length (instruction) or 8
+class MemorySection(BudgetConfig):
+    # budget_gb: GiB per device: print the fastest plan that fits, for each method
     # the job the figures are per device of: sharding none|ddp (replicated) | zero2 (gradients and
     # optimizer state sharded) | fsdp | zero3 (weights too, one block gathered at a time)
     sharding: str = "none"

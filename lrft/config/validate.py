@@ -20,6 +20,7 @@ from lrft.schema import (
     GROUP_SCHEMAS,
     GROUPS,
     LR_SCHEDULERS,
+    MEMORY_PLANS,
     MODEL_DTYPES,
     ON_NAN,
     OPTIMIZERS,
@@ -81,6 +82,7 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.loss_chunk must be >= 0 (positions per chunk of logits; 0: the full logits), "
             f"got {t.loss_chunk}."
         )
+    check_memory_keys(t, cfg.get("memory"))
     if t.max_steps == 0 or t.max_steps < -1:
         raise UserError(
             f"trainer.max_steps={t.max_steps} would train nothing: set trainer.max_steps > 0, or -1 to "
@@ -156,3 +158,17 @@ def check_quantization(root_cfg: Any) -> None:
     ):
         if value not in valid:
             raise UserError(f"quantization.{key}={value!r} is not valid.{did_you_mean(str(value), valid)}")
+
+
+def check_memory_keys(t: Any, memory: Any) -> None:
+    """trainer.gradient_checkpointing, offload_activations, memory_plan and memory.budget_gb."""
+    gc = t.get("gradient_checkpointing", False)
+    if not (isinstance(gc, bool) or gc == "auto" or (isinstance(gc, int) and gc >= 0)):
+        raise UserError(
+            f"trainer.gradient_checkpointing={gc!r}: use false, true (every block), a number N >= 0 "
+            "(N of the model's blocks, evenly spread) or auto (the fewest that fit memory.budget_gb)."
+        )
+    one_of("trainer.memory_plan", t.get("memory_plan", "none"), MEMORY_PLANS)
+    budget = memory.get("budget_gb") if memory is not None else None
+    if budget is not None and budget <= 0:
+        raise UserError(f"memory.budget_gb must be > 0 (GiB per device), got {budget}.")

@@ -22,6 +22,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from lrft.model.activations import blocks as checkpoint_layers
+
 
 def storage_key(t: torch.Tensor) -> int:
     """Identity of ``t``'s storage: its address, or for meta tensors (address 0) the storage object."""
@@ -111,23 +113,6 @@ class ActivationProfile:
     layer_inputs: int
     checkpointed: int
     saved: SavedTensors = field(repr=False)
-
-
-def checkpoint_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules transformers checkpoints one by one (outermost ``GradientCheckpointingLayer``s)."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # older transformers: no common base class, so no per-layer split
-        return []
-    found: list[nn.Module] = []
-    inside: set[int] = set()
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        if isinstance(module, GradientCheckpointingLayer):
-            found.append(module)
-            inside.update(id(m) for m in module.modules())
-    return found
 
 
 def _tensors(values: Iterable[Any]) -> Iterable[torch.Tensor]:

@@ -30,6 +30,7 @@ from lrft.methods.layers import LowRankLinear
 from lrft.methods.lora import Lora
 from lrft.methods.registry import register_method
 from lrft.methods.schemas import LORA_GA_DIRECTIONS, LORA_GA_SCALES, LoraGAConfig
+from lrft.model.activations import blocks, checkpoint_blocks
 
 DIRECTIONS, SCALES = LORA_GA_DIRECTIONS, LORA_GA_SCALES
 
@@ -75,7 +76,7 @@ def estimate_gradients(
     was_training, seen = model.training, 0
     checkpointed = getattr(model, "is_gradient_checkpointing", True)
     if not checkpointed and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_blocks(model, len(blocks(model)))
     flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)  # adapters too: no .grad may be left behind for the first step
     # the training loss's gradient, dropout included (seeded, so repeatable); train mode also keeps
@@ -91,7 +92,7 @@ def estimate_gradients(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         if not checkpointed and getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
+            checkpoint_blocks(model, 0)
         model.train(was_training)
     return acc, seen
 

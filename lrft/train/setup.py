@@ -29,6 +29,7 @@ from lrft.data.sampling import LengthGroupedSampler
 from lrft.methods import get_method
 from lrft.methods.base import ApplyContext, Method
 from lrft.methods.layers import use_dropout_kernel
+from lrft.model.activations import blocks, checkpoint_blocks, offload_blocks, resolve_count
 from lrft.model.load import count_parameters, load_model, load_tokenizer, quantize
 from lrft.model.meta import build_meta_model
 from lrft.optim import build_optimizer
@@ -175,8 +176,10 @@ def _build_model(
 
 def _for_training(model: nn.Module, t: Any) -> None:
     use_dropout_kernel(model, t.get("dropout_kernel", "auto"))
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # "auto" was replaced by a count before setup (lrft.memory.choose.apply_plan)
+    checkpoint_blocks(model, resolve_count(t.gradient_checkpointing, len(blocks(model))))
+    if t.get("offload_activations"):
+        offload_blocks(model)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no KV cache while training: it only costs memory
 
