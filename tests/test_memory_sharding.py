@@ -5,8 +5,9 @@ import copy
 
 import pytest
 
-from lrft.cli.memory import compose_memory, shard_plan
+from lrft.cli.memory import compose_memory
 from lrft.errors import UserError
+from lrft.memory.choose import shard_plan
 from lrft.memory.plan import Planner
 
 BASE = ["model=tiny_llama", "method=lora", "dataset=quickstart", "trainer.batch_size=2"]

@@ -33,7 +33,7 @@ lrft memory [group=option ...] [group.key=value ...]     plan memory without loa
 
   lrft memory model=llama7b method=lora_fa quantization=nf4 trainer.batch_size=8 dataset.max_length=512
   lrft memory method=lora,lora_fa,dora,galore,full        side by side
-  lrft memory memory.budget_gb=24                          largest micro-batch that fits in 24 GiB
+  lrft memory method=lora,lora_fa memory.budget_gb=24      the fastest plan in 24 GiB per method
   lrft memory recipes=lora_fa/llama7b_alpaca               a recipe's memory
 
   lrft memory memory.sharding=fsdp memory.nodes=2 memory.processes_per_node=8   per GPU of a job
@@ -158,8 +158,9 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
         lay = p.activations.layers
         lo, hi = (min(lay), max(lay)) if lay else (0, 0)
         layer_cells.append(size(hi) if lo == hi else f"{size(lo)}-{size(hi)}")
-    row("saved per layer", layer_cells)
-    row("saved outside layers", [size(p.activations.outside) for p in plans])
+    row("saved per block", layer_cells)
+    row("kept per block, checkpointed", [size(p.activations.layer_inputs / max(1, p.blocks)) for p in plans])
+    row("saved outside blocks", [size(p.activations.outside) for p in plans])
     for gc in (False, True):
         on = gc == gc_on
         suffix = ", checkpointed" if gc else ""
@@ -167,21 +168,43 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
         row(f"activations{suffix}", kept, "bold" if on else None)
         row(f"step peak{suffix}", [size(p.peak[gc]) for p in plans], "bold" if on else None)
         row(f"total{suffix}", [size(p.total(gc)) for p in plans], "bold green" if on else None)
+    if any(p.offload_peak is not None for p in plans):
+        cells = ["-" if p.offload_peak is None else size(p.offload_peak) for p in plans]
+        row("step peak, checkpointed + offloaded", cells)
+    if any(p.plain_peak is not None for p in plans):
+        cells = ["-" if p.plain_peak is None else size(p.plain_peak) for p in plans]
+        row("step peak, full logits (loss_chunk=0)", cells)
     if budget is not None:
-        for gc in (False, True):
-            fit = [str(p.fit.get(gc, "-")) for p in plans]
-            row(f"max batch in {budget:g} GiB" + (", checkpointed" if gc else ""), fit, "bold cyan")
+        _budget_rows(row, plans, budget)
     return table
 
 
+def _budget_rows(row: Any, plans: list[Any], budget: float) -> None:
+    """The fastest plan in ``budget`` GiB, for each column (lrft.memory.choose)."""
+    chosen = [p.choice for p in plans]
+
+    def cells(fn: Any) -> list[str]:
+        return ["does not fit" if c is None else fn(c) for c in chosen]
+
+    head = f"plan in {budget:g} GiB: "
+    row(head + "micro-batch x accum", cells(lambda c: f"{c.batch_size} x {c.grad_accum}"), "bold cyan")
+    row(head + "checkpointed blocks", cells(lambda c: f"{c.checkpointed}/{c.blocks}"), "bold cyan")
+    row(head + "offload", cells(lambda c: "yes" if c.offload else "no"), "bold cyan")
+    row(head + "est. step time", cells(lambda c: f"x{c.step_time:.2f}"), "bold cyan")
+    row(head + "total", cells(lambda c: size(c.total)), "bold cyan")
+
+
 FOOTER = (
-    "activations: what autograd keeps for backward (checkpointed: every layer's inputs plus one "
-    "layer recomputed), split into saved per layer and outside them. step peak: the most a forward "
+    "activations: what autograd keeps for backward (checkpointed: every block's inputs plus one "
+    "block recomputed), split into saved per block and outside them. step peak: the most a forward "
     "+ backward hold at once beyond weights and optimizer state (activations, gradients as backward "
     "writes them, transients), simulated on the meta device. total = weights + optimizer state + "
     "max(step peak, gradients); the CUDA context (~0.5 GiB), allocator rounding and fragmentation and "
     "the optimizer step's temporaries come on top. GiB = 2^30 bytes. Bold: "
-    "trainer.gradient_checkpointing={gc}."
+    "trainer.gradient_checkpointing={gc}. A causal LM's loss runs in chunks of trainer.loss_chunk "
+    "positions (the full-logits row: loss_chunk=0). plan in B GiB: the fastest plan that fits "
+    "(the global batch kept; step time by FLOPs, 1 = no recomputation; lrft.memory.choose); "
+    "trainer.memory_plan=auto memory.budget_gb=B applies it to a run."
 )
 
 
@@ -191,7 +214,8 @@ def memory_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         out.print(USAGE, markup=False, highlight=False)
         return 0
-    from lrft.memory.plan import Planner  # torch: after --help, which must stay fast
+    from lrft.memory.choose import choose, shard_plan  # torch: after --help, which must stay fast
+    from lrft.memory.plan import Planner
 
     flags = [a for a in argv if a.startswith("-")]
     if flags:
@@ -215,7 +239,8 @@ def memory_main(argv: list[str]) -> int:
         plan = shard_plan(planner.plan(), planner, ccfg.memory)
         budget = ccfg.memory.budget_gb
         if budget is not None:
-            plan.fit = {gc: planner.max_batch(plan, int(budget * GIB), gc) for gc in (False, True)}
+            g = int(ccfg.trainer.batch_size) * int(ccfg.trainer.grad_accum)
+            plan.choice = choose(planner, plan.resident, plan.gradients, int(budget * GIB), g)
         label = label or str(ccfg.method.name)
         notes += cnotes + [f"{label}: {n}" for n in plan.notes]
         columns.append((label, plan))
@@ -227,35 +252,6 @@ def memory_main(argv: list[str]) -> int:
     for line in [*notes, *(f"not planned: {s}" for s in skipped)]:
         out.print(f"- {line}", highlight=False, markup=False)
     return 0
-
-
-SHARDINGS = ("none", "ddp", "zero2", "fsdp", "zero3")
-
-
-def shard_plan(plan: Any, planner: Any, msec: Any) -> Any:
-    """Per-device figures of a job over ``nodes x processes_per_node`` devices. ZeRO-2 divides
-    gradients and optimizer state; FSDP / ZeRO-3 divide the weights too, plus one gathered block
-    (the largest decoder layer) at a time. Activations stay per device (data parallel)."""
-    from lrft.errors import one_of
-
-    one_of("memory.sharding", msec.sharding, SHARDINGS)
-    n = int(msec.nodes) * int(msec.processes_per_node)
-    if n < 1:
-        raise UserError(f"memory.nodes x memory.processes_per_node must be >= 1, got {n}.")
-    if msec.sharding in ("none", "ddp") or n == 1:
-        return plan
-    plan.gradients = -(-plan.gradients // n)
-    plan.optimizer = -(-plan.optimizer // n)
-    what, extra = "gradients and optimizer state", ""
-    if msec.sharding in ("fsdp", "zero3"):
-        block = planner.largest_block()
-        plan.weights = {k: -(-v // n) for k, v in plan.weights.items()}
-        plan.weights["gathered block"] = block
-        what, extra = f"weights, {what}", f", plus one gathered block ({block / GIB:.2f} GiB)"
-    plan.notes.append(
-        f"{msec.sharding} over {n} devices ({msec.nodes} node(s)): {what} divided by {n}{extra}."
-    )
-    return plan
 
 
 def _labels(combos: list[list[str]]) -> list[str]:

@@ -23,12 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lrft.model.activations import blocks as checkpoint_layers
-
-
-def storage_key(t: torch.Tensor) -> int:
-    """Identity of ``t``'s storage: its address, or for meta tensors (address 0) the storage object."""
-    st = t.untyped_storage()
-    return st._cdata if t.is_meta else st.data_ptr()
+from lrft.model.activations import storage_key
 
 
 class SavedTensors:

@@ -34,6 +34,8 @@ from torch import nn
 from lrft.errors import UserError
 from lrft.memory.measure import ActivationProfile, LiveBytes, activation_profile
 from lrft.memory.on_meta import meta_forward
+from lrft.model.activations import Offloader, blocks, checkpoint_blocks, offload_blocks, resolve_count
+from lrft.model.loss import loss_sum
 from lrft.model.meta import GLUE_TARGET_TOKENS, build_meta_model, resolve_config
 from lrft.optim import build_optimizer
 from lrft.schema import GALORE_OPTIMIZER
@@ -136,7 +138,10 @@ class Plan:
     ``activations``: what autograd keeps for backward, split by layer (no checkpointing) and as
     checkpointing would keep it. ``peak``: the most that forward and backward hold at once beyond
     weights and optimizer state (activations, the gradients backward writes, transients), from a
-    simulated step, without and with gradient checkpointing.
+    simulated step, without and with every block checkpointed. ``plain_peak``: without
+    checkpointing, the loss from the full logits (``trainer.loss_chunk=0``; causal LMs whose
+    loss is chunked, else None). ``offload_peak``: every block checkpointed and offloaded
+    (``trainer.offload_activations=true``, else None).
     """
 
     label: str
@@ -151,7 +156,10 @@ class Plan:
     activations: ActivationProfile
     peak: dict[bool, int]
     notes: list[str] = field(default_factory=list)
-    fit: dict[bool, int] = field(default_factory=dict)  # budget: largest micro-batch, by checkpointing
+    blocks: int = 0  # the repeated blocks checkpointing can recompute (decoder layers)
+    plain_peak: int | None = None
+    offload_peak: int | None = None
+    choice: Any = None  # budget: the fastest plan that fits (lrft.memory.choose.Choice)
 
     @property
     def resident(self) -> int:
@@ -232,17 +240,35 @@ class Planner:
 
         return [m.register_forward_hook(hook) for m in self.int8]
 
+    @property
+    def chunk(self) -> int:
+        return int(self.cfg.trainer.get("loss_chunk", 0))
+
+    @property
+    def n_blocks(self) -> int:
+        return len(blocks(self.model))
+
+    def loss(self, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
+        """The loss as the training step computes it: a causal LM's in chunks of logits."""
+        if self.cfg.model.task == "causal":
+            return loss_sum(self.model, batch, "causal", chunk=self.chunk if chunk is None else chunk)
+        return self.model(**batch).loss
+
     def activations(self, batch_size: int) -> ActivationProfile:
         batch = self._batch(batch_size)
         with meta_forward():
             return activation_profile(
                 self.model,
-                lambda: self.model(**batch).loss,
+                lambda: self.loss(batch),
                 lambda rec: self._int8_inputs(lambda x, out: rec.add(x)),
             )
 
-    def step_peak(self, batch_size: int, checkpointing: bool) -> int:
-        """Peak bytes of one forward + backward on meta (see :class:`lrft.memory.measure.LiveBytes`)."""
+    def step_peak(
+        self, batch_size: int, checkpointing: bool | int, offload: bool = False, chunk: int | None = None
+    ) -> int:
+        """Peak bytes of one forward + backward on meta (see :class:`lrft.memory.measure.LiveBytes`)
+        with ``checkpointing`` (false | true | N) of the blocks recomputed, their saved activations
+        offloaded to the host or not, the loss in chunks of ``chunk`` positions (None: the config's)."""
         model, batch = self.model, self._batch(batch_size)
 
         def keep(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -254,15 +280,16 @@ class Planner:
             # layer-wise updates run inside backward: create their state first, as after step one,
             # so the peak counts the update's transients but not the state (its own row)
             with meta_forward():
-                model(**self._batch(1)).loss.backward()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self.loss(self._batch(1)).backward()
+        checkpoint_blocks(model, resolve_count(checkpointing, self.n_blocks))
+        if offload:  # a host copy keeps only the shape: the activation stops counting here
+            off = Offloader(model, to_host=_shape_of, to_device=_empty_from, min_bytes=0, stay_on=())
+            handles += offload_blocks(model, off)
         try:
             with meta_forward(), LiveBytes(model) as live:
-                model(**batch).loss.backward()
+                self.loss(batch, chunk).backward()
         finally:
-            if checkpointing:
-                model.gradient_checkpointing_disable()
+            checkpoint_blocks(model, 0)
             for h in handles:
                 h.remove()
             for p in model.parameters():
@@ -306,6 +333,8 @@ class Planner:
         batch_size = batch_size or int(self.cfg.trainer.batch_size)
         params = list(self.model.parameters())
         gradients = self.gradients()
+        chunked = self.cfg.model.task == "causal" and self.chunk > 0
+        offload = bool(self.cfg.trainer.get("offload_activations"))
         return Plan(
             label=str(self.cfg.method.name),
             batch_size=batch_size,
@@ -319,6 +348,9 @@ class Planner:
             activations=self.activations(batch_size),
             peak={gc: self.step_peak(batch_size, gc) for gc in (False, True)},
             notes=list(dict.fromkeys(self.notes)),
+            blocks=self.n_blocks,
+            plain_peak=self.step_peak(batch_size, False, chunk=0) if chunked else None,
+            offload_peak=self.step_peak(batch_size, True, offload=True) if offload else None,
         )
 
     def max_batch(self, plan: Plan, budget: int, checkpointing: bool, limit: int = 1 << 16) -> int:
@@ -349,3 +381,12 @@ class Planner:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
+
+
+def _shape_of(t: torch.Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
+    return t.shape, t.dtype, t.device
+
+
+def _empty_from(handle: tuple[torch.Size, torch.dtype, torch.device]) -> torch.Tensor:
+    shape, dtype, device = handle
+    return torch.empty(shape, dtype=dtype, device=device)

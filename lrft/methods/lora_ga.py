@@ -30,7 +30,7 @@ from lrft.methods.layers import LowRankLinear
 from lrft.methods.lora import Lora
 from lrft.methods.registry import register_method
 from lrft.methods.schemas import LORA_GA_DIRECTIONS, LORA_GA_SCALES, LoraGAConfig
-from lrft.model.activations import blocks, checkpoint_blocks
+from lrft.model.activations import blocks, checkpoint_blocks, checkpointing
 
 DIRECTIONS, SCALES = LORA_GA_DIRECTIONS, LORA_GA_SCALES
 
@@ -74,7 +74,7 @@ def estimate_gradients(
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
     was_training, seen = model.training, 0
-    checkpointed = getattr(model, "is_gradient_checkpointing", True)
+    checkpointed = checkpointing(model) or not hasattr(model, "supports_gradient_checkpointing")
     if not checkpointed and getattr(model, "supports_gradient_checkpointing", False):
         checkpoint_blocks(model, len(blocks(model)))
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -91,7 +91,7 @@ def estimate_gradients(
             h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        if not checkpointed and getattr(model, "is_gradient_checkpointing", False):
+        if not checkpointed:
             checkpoint_blocks(model, 0)
         model.train(was_training)
     return acc, seen

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller tensors cost more in copies and bookkeeping than they free
 
 
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of ``t``'s storage: its address, or for meta tensors (address 0) the storage object."""
+    st = t.untyped_storage()
+    return st._cdata if t.is_meta else st.data_ptr()
+
+
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks transformers checkpoints one by one (the outermost
     ``GradientCheckpointingLayer``s: decoder layers, T5 and RoBERTa blocks), in forward order."""
@@ -63,20 +69,35 @@ def resolve_count(setting: Any, total: int) -> int:
     return max(count, 1) if total == 0 and setting else count
 
 
+def checkpointing(model: nn.Module) -> bool:
+    """Whether any block of ``model`` is checkpointed (transformers' name for it changed in v5)."""
+    inner = getattr(model, "_orig_mod", model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(inner), name) or hasattr(inner, name):
+            return bool(getattr(inner, name))
+    return False
+
+
 def checkpoint_blocks(model: nn.Module, n: int) -> list[int]:
     """Checkpoint ``n`` of the model's blocks (evenly spread); 0 turns checkpointing off.
 
-    Returns the indices checkpointed. A model without per-block switches is all or nothing."""
+    Non-reentrant checkpointing needs no input that requires grad, so the embedding hook
+    transformers adds for the reentrant kind is taken out again: it would make backward compute
+    the gradient of the frozen embeddings' output for nothing. Returns the indices checkpointed;
+    a model without per-block switches is all or nothing."""
     inner = getattr(model, "_orig_mod", model)
     if n <= 0:
-        if getattr(inner, "is_gradient_checkpointing", False):
+        if checkpointing(inner):
             _disable(inner)
         return []
+    had_hook = bool(getattr(inner, "_require_grads_hooks", None)) or hasattr(inner, "_require_grads_hook")
     kwargs = {"use_reentrant": False}
     if hasattr(inner, "activation_checkpointing_enable"):
         inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not had_hook and hasattr(inner, "disable_input_require_grads"):
+        inner.disable_input_require_grads()
     found = blocks(inner)
     chosen = spread(n, len(found))
     for i, block in enumerate(found):
@@ -110,7 +131,7 @@ class Offloader:
         min_bytes: int = MIN_OFFLOAD_BYTES,
         stay_on: tuple[str, ...] = ("cpu", "meta"),
     ) -> None:
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
+        self.params = {storage_key(p) for p in model.parameters()}
         self.to_host = to_host or self._cuda_to_host
         self.to_device = to_device or self._cuda_to_device
         self.min_bytes = min_bytes
@@ -124,7 +145,7 @@ class Offloader:
             isinstance(t, nn.Parameter)
             or nbytes < self.min_bytes
             or t.device.type in self.stay_on
-            or t.untyped_storage().data_ptr() in self.params
+            or storage_key(t) in self.params
         ):
             self.kept += nbytes
             return ("kept", t)

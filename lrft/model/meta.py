@@ -28,6 +28,18 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
         model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
         num_hidden_layers=40, num_attention_heads=40, max_position_embeddings=2048, rms_norm_eps=1e-6,
     ),
+    "meta-llama/Meta-Llama-3-8B": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+    ),
+    "google/gemma-3-270m": dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
+        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        max_position_embeddings=32768, sliding_window=512, query_pre_attn_scalar=256,
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    ),
     "FacebookAI/roberta-base": dict(
         model_type="roberta", vocab_size=50265, hidden_size=768, intermediate_size=3072,
         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=514, type_vocab_size=1,

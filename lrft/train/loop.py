@@ -22,6 +22,7 @@ from torch import nn
 
 from lrft.errors import Interrupted
 from lrft.export.peft import write_peft_adapter
+from lrft.memory.choose import apply_plan
 from lrft.methods.base import Method
 from lrft.run.final import save_final
 from lrft.run.folder import resume_command
@@ -76,14 +77,16 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     """
     from accelerate.utils import set_seed
 
-    run_dir, t = Path(run_dir), cfg.trainer
+    run_dir = Path(run_dir)
     engine = make_engine(cfg, run_dir)
     acc = engine.accelerator
+    cfg, plan = apply_plan(cfg, engine)  # trainer.memory_plan=auto: batch, accumulation, checkpointing
+    t = cfg.trainer
     set_seed(t.seed)
     topo = topology(acc, run_dir, t.shared_fs)
     writer = topo.writes_node_files(acc)  # global rank 0; on node-local disks each node's local 0
     if writer:
-        write_run_files(cfg, run_dir, overrides or [], engine, topo)
+        write_run_files(cfg, run_dir, overrides or [], engine, topo, plan)
     s = setup(cfg, run_dir, engine)
     if t.report_to:
         acc.init_trackers("lrft", config=_flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
@@ -92,6 +95,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     live = Live(cfg, run_dir, acc, s, state, Logger(acc, run_dir, t, progress), progress, writer)
 
     _resume(live)
+    if plan is not None:
+        progress.note(f"memory plan ({plan['setting']}, {plan['budget_gb']:g} GiB): {plan['summary']}")
     progress.note(
         f"{s.method.name} on {cfg.model.name}: {s.trainable_params:,} of {s.total_params:,} parameters "
         f"train; {acc.num_processes} process(es), mixed precision {acc.mixed_precision}"

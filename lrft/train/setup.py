@@ -43,7 +43,12 @@ PACKAGES = ("lrft", "torch", "transformers", "accelerate", "datasets", "hydra-co
 
 
 def write_run_files(
-    cfg: DictConfig, run_dir: Path, overrides: list[str], engine: Engine, topo: Topology | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    engine: Engine,
+    topo: Topology | None = None,
+    memory_plan: dict[str, Any] | None = None,
 ) -> None:
     """The resolved config, the overrides, package versions and how the run actually ran."""
     accelerator = engine.accelerator
@@ -68,6 +73,8 @@ def write_run_files(
         "device": str(accelerator.device),
         "topology": (topo or Topology(accelerator.num_processes)).as_dict(),
     }
+    if memory_plan is not None:  # trainer.memory_plan=auto: what the planner chose (lrft.memory.choose)
+        info["memory_plan"] = memory_plan
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
