@@ -7,7 +7,8 @@
 
 transformers reads GGUF files (``gguf_file=``) and dequantizes them to float32, but a model loaded
 that way refuses ``save_pretrained``; so a fresh ``LlamaForCausalLM`` is built from the same config
-and given the dequantized state dict. The weights are Q4_1-rounded: a real model, not the original.
+and given the dequantized state dict (``convert_gguf``, shared with scripts/convert_gemma3.py).
+The weights are Q4_1-rounded: a real model, not the original.
 """
 
 from __future__ import annotations
@@ -35,19 +36,23 @@ def gguf_path() -> Path:
 
 def convert(out_dir: str | Path) -> Path:
     """Write ``out_dir`` (config, safetensors weights, tokenizer with its chat template) and return it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    return convert_gguf(gguf_path(), out_dir, end_token="<|im_end|>")
 
-    src = gguf_path()
+
+def convert_gguf(src: Path, out_dir: str | Path, end_token: str | None = None) -> Path:
+    """Any GGUF causal LM transformers reads -> a plain float32 folder (``end_token`` ends a turn)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
     out = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):  # the GGUF marker: these weights are plain float32 now
         del config.quantization_config
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end = tokenizer.convert_tokens_to_ids(end_token) if end_token else tokenizer.eos_token_id
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=end, pad_token_id=tokenizer.pad_token_id or end
     )
