@@ -134,7 +134,7 @@ class TrainerConfig:
     memory_plan: str = "none"  # none | auto
     # causal LMs: the loss computes the logits this many positions at a time (their gradients too),
     # never the whole [tokens x vocab] (lrft.model.loss); 0: from the full logits
-    loss_chunk: int = 1024
+    loss_chunk: Any = "auto"  # positions per chunk of logits | 0 (full logits) | auto
     max_grad_norm: float = 1.0  # 0 disables clipping
     lr_scheduler: str = "linear"  # linear | cosine | constant
     warmup_steps: int = 0  # linear warmup steps (wins over warmup_ratio)

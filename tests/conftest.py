@@ -37,7 +37,8 @@ def _restore_logging():
 LONGEST_FIRST = [
     "test_merge.py", "test_resume.py", "test_loop_invariants.py", "test_fsdp2.py", "test_multinode.py",
     "test_runs.py", "test_train.py", "test_methods.py", "test_memory.py", "test_resume_packing.py",
-    "test_readme_tree.py", "test_gpu_check.py", "test_recipes.py", "test_eval_cli.py",
+    "test_memory_plan.py", "test_gpu_check.py", "test_loss.py", "test_readme_tree.py",
+    "test_modern_families.py", "test_recipes.py", "test_eval_cli.py",
 ]  # fmt: skip
 
 

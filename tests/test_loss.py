@@ -11,8 +11,10 @@ import pytest
 import torch
 import transformers as tf
 
+from lrft.config.compose import compose
+from lrft.errors import UserError
 from lrft.memory.measure import LiveBytes
-from lrft.model.loss import chunkable_head, loss_sum
+from lrft.model.loss import chunk_positions, chunkable_head, loss_sum
 
 SMALL = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
@@ -146,3 +148,23 @@ def test_a_model_that_ignores_logits_to_keep_gets_the_plain_path():
     chunked, gc = loss_and_grads(model, b, 5)
     assert widths == [19, 19]  # the full logits both times, used as they came
     assert rel(chunked, plain) < 1e-6 and max(rel(gc[k], gp[k]) for k in gp) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("vocab", "positions"), [(261, 1024), (32000, 1024), (65536, 1024), (128256, 523), (262144, 256)]
+)
+def test_auto_chunk_keeps_a_chunks_logits_within_2_26_values(vocab, positions):
+    assert chunk_positions("auto", vocab) == positions and chunk_positions(7, vocab) == 7
+
+
+def test_auto_is_the_default_and_runs_at_the_models_vocabulary():
+    model, b = build("llama"), batch()
+    widths: list[int] = []
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: widths.append(out.shape[-2]))
+    auto, _ = loss_and_grads(model, b, "auto")
+    assert max(widths) == min(b["input_ids"].numel(), chunk_positions("auto", model.config.vocab_size))
+    assert rel(auto, loss_and_grads(model, b, 0)[0]) < 1e-5
+    assert compose(["model=tiny_llama"]).trainer.loss_chunk == "auto"
+    for bad in ("-1", "big", "true"):
+        with pytest.raises(UserError, match=r"trainer\.loss_chunk must be auto"):
+            compose(["model=tiny_llama", f"trainer.loss_chunk={bad}"])

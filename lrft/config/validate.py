@@ -77,10 +77,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "grad_accum"):
         if t[key] < 1:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")
-    if t.get("loss_chunk", 0) < 0:
+    chunk = t.get("loss_chunk", "auto")
+    if chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
         raise UserError(
-            f"trainer.loss_chunk must be >= 0 (positions per chunk of logits; 0: the full logits), "
-            f"got {t.loss_chunk}."
+            "trainer.loss_chunk must be auto (positions per chunk sized to the vocabulary), an int "
+            f">= 1 (positions per chunk of logits) or 0 (the full logits), got {chunk!r}."
         )
     check_memory_keys(t, cfg.get("memory"))
     if t.max_steps == 0 or t.max_steps < -1:

@@ -241,8 +241,8 @@ class Planner:
         return [m.register_forward_hook(hook) for m in self.int8]
 
     @property
-    def chunk(self) -> int:
-        return int(self.cfg.trainer.get("loss_chunk", 0))
+    def chunk(self) -> int | str:
+        return self.cfg.trainer.get("loss_chunk", 0)
 
     @property
     def n_blocks(self) -> int:
@@ -333,7 +333,7 @@ class Planner:
         batch_size = batch_size or int(self.cfg.trainer.batch_size)
         params = list(self.model.parameters())
         gradients = self.gradients()
-        chunked = self.cfg.model.task == "causal" and self.chunk > 0
+        chunked = self.cfg.model.task == "causal" and self.chunk != 0
         offload = bool(self.cfg.trainer.get("offload_activations"))
         return Plan(
             label=str(self.cfg.method.name),

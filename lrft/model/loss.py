@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK = 1024  # positions per chunk (trainer.loss_chunk); see docs/memory.md
+DEFAULT_CHUNK = "auto"  # trainer.loss_chunk: positions per chunk, or auto (chunk_positions)
+AUTO_CHUNK_VALUES = 1 << 26  # auto: a chunk's logits hold at most this many values (256 MiB f32)
+AUTO_CHUNK_MAX, AUTO_CHUNK_MIN = 1024, 64
 # config attributes of heads that transform logits in ways chunking does not reproduce
 _OTHER_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -95,18 +97,31 @@ def causal_lm_loss(
     model: nn.Module,
     inputs: dict[str, Any],
     labels: torch.Tensor,
-    chunk: int,
+    chunk: int | str,
     upstream: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed next-token loss of a causal LM: chunked where the model allows, else plain."""
-    head = chunkable_head(model) if chunk > 0 else None
+    """Summed next-token loss of a causal LM: chunked where the model allows, else plain.
+    ``chunk``: positions per chunk, 0 for the full logits, or ``auto`` (:func:`chunk_positions`)."""
+    head = chunkable_head(model) if chunk != 0 else None
     if head is None:
         logits = model(**inputs).logits
         return _cross_entropy_sum(logits[:, :-1], labels[:, 1:])
     hidden, logits = final_hidden(model, inputs)
     if logits.shape[1] != 0:  # the model ignored logits_to_keep: use what it computed
         return _cross_entropy_sum(logits[:, :-1], labels[:, 1:])
-    return chunked_lm_loss(hidden, shifted_labels(labels), head, softcap(model), chunk, upstream)
+    positions = chunk_positions(chunk, head.weight.shape[0])
+    return chunked_lm_loss(hidden, shifted_labels(labels), head, softcap(model), positions, upstream)
+
+
+def chunk_positions(setting: int | str, vocab: int) -> int:
+    """``trainer.loss_chunk`` as positions per chunk. An int is taken as given; ``auto`` is 1024
+    positions, fewer where the vocabulary is large, so that one chunk's logits stay within 2^26
+    values (256 MiB in float32; the chunk's backward holds about three such buffers): 1024 up to
+    a 65,536 vocabulary, 523 for Llama 3 (128,256), 256 for Gemma 3 (262,144). Measured on
+    Gemma 3 270M (docs/memory.md): 1024 positions would cost 2.3 GiB more per step than 256."""
+    if setting == "auto":
+        return max(AUTO_CHUNK_MIN, min(AUTO_CHUNK_MAX, AUTO_CHUNK_VALUES // max(vocab, 1)))
+    return int(setting)
 
 
 def chunkable_head(model: nn.Module) -> nn.Module | None:

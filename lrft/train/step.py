@@ -49,7 +49,7 @@ def forward_backward(
     decoder_inputs: Callable | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     step: int = 0,
-    loss_chunk: int = DEFAULT_CHUNK,
+    loss_chunk: int | str = DEFAULT_CHUNK,
 ) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step (gradients accumulate).
 
