@@ -25,6 +25,7 @@ from lrft.cli.main import main
 from lrft.config.compose import compose
 from lrft.errors import Interrupted, UserError
 from lrft.run.folder import failed_before_training, prepare, resume_command, run_state
+from lrft.run.lock import LOCK_NAME
 from lrft.train import train
 
 QUICK = ["trainer.eval_every=0", "trainer.progress=false", "trainer.log_every=1"]
@@ -35,7 +36,7 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != LOCK_NAME  # its owner record names the last process to lock
     }
 
 

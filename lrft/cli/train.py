@@ -61,19 +61,22 @@ def train_cmd(argv: list[str]) -> int:
         flags.remove(override)
     overrides = list(args.overrides)
     inspecting = args.cfg or args.info or args.shell_completion
-    if not args.multirun and not inspecting:  # sweeps write fresh multirun/ folders
-        from lrft.run.folder import prepare
+    if args.multirun or inspecting:  # sweeps write fresh multirun/ folders (locked by each job)
+        for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
+            compose(combo)
+        return _run_hydra(_info_flag(flags), overrides)
+    from lrft.run.folder import prepare, unlock
 
+    try:
         prepared = prepare(
             overrides, say=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True)
         )
         if prepared is None:
             return 0  # a finished run resumed: nothing left to do
-        overrides = prepared
-        combos = [overrides]
-    for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
-        compose(combo)
-    return _run_hydra(_info_flag(flags), overrides)
+        compose(prepared)  # fail before any work, with did-you-mean
+        return _run_hydra(_info_flag(flags), prepared)
+    finally:
+        unlock(overrides)  # the run is over: release output_dir (and tidy it if nothing was written)
 
 
 def _say(text: str) -> None:

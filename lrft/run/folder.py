@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lrft.errors import UserError
+from lrft.run.lock import LOCK_NAME, Held, acquire, holds, release
 from lrft.schema import TRUTHY
 
 # every name lrft (or Hydra, or a tracker it starts) writes into a run folder
@@ -80,7 +81,7 @@ def run_state(run_dir: Path) -> str:
         return "absent"
     if not run_dir.is_dir():
         return "foreign"
-    names = {p.name for p in run_dir.iterdir()}
+    names = {p.name for p in run_dir.iterdir()} - {LOCK_NAME}
     if not names:
         return "empty"
     if "summary.json" in names or (run_dir / "final" / "COMPLETE").is_file():
@@ -111,7 +112,9 @@ def _is_off(value: str | None) -> bool:
 def prepare(overrides: list[str], say: Any = print) -> list[str] | None:
     """The overrides to train with, after checking ``output_dir``; None: nothing left to do.
 
-    Raises :class:`UserError` (exit 2) when the folder holds a run the command would clobber.
+    Raises :class:`UserError` (exit 2) when the folder holds a run the command would clobber, or
+    another process holds it (:mod:`lrft.run.lock`: the lock is taken here, before anything in
+    the folder is read, removed or written, and held by this process until the run ends).
     """
     out = _override_value(overrides, "output_dir")
     if out is None:  # the default folder is new for every launch (timestamped)
@@ -120,6 +123,8 @@ def prepare(overrides: list[str], say: Any = print) -> list[str] | None:
     resume = _override_value(overrides, "trainer.resume")
     resuming = not _is_off(resume)
     overwrite = _truthy(_override_value(overrides, "trainer.overwrite"))
+    if run_state(run_dir) != "foreign":  # a folder that is not lrft's gets no lock file
+        claim(run_dir)
     state = run_state(run_dir)
     if state in ("absent", "empty"):
         return overrides
@@ -157,6 +162,35 @@ def prepare(overrides: list[str], say: Any = print) -> list[str] | None:
             "or add trainer.overwrite=true to start it over (only the files lrft wrote are removed)."
         )
     return resume_overrides(run_dir, overrides, say)
+
+
+def claim(run_dir: Path) -> bool:
+    """Lock ``run_dir`` for this process (:mod:`lrft.run.lock`); False if it held it already. A
+    folder another process holds is refused with its owner and what to do."""
+    try:
+        return acquire(run_dir)
+    except Held as held:
+        raise UserError(
+            f"{held} A run folder has one writer: wait for that run to finish, or stop it (Ctrl-C "
+            f"saves a checkpoint) and continue it with:\n  {resume_command(held.folder)}\n"
+            "or choose another output_dir."
+        ) from None
+
+
+def unlock(overrides: list[str]) -> None:
+    """Release the ``output_dir=`` of ``overrides`` if this process holds it; a folder left holding
+    only the lock file (the run stopped before writing anything) is removed."""
+    out = _override_value(overrides, "output_dir")
+    if out is None or not holds(Path(out).expanduser()):
+        return
+    folder = Path(out).expanduser().resolve()
+    release(folder)
+    try:
+        if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 def _last_step(run_dir: Path) -> str:
@@ -318,7 +352,7 @@ def remove_run_files(run_dir: Path) -> list[str]:
             path.unlink()
     for stale in run_dir.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    return sorted(p.name for p in run_dir.iterdir())
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
 
 
 def failed_before_training(run_dir: Path, message: str) -> str:
@@ -328,7 +362,7 @@ def failed_before_training(run_dir: Path, message: str) -> str:
     if not run_dir.is_dir():
         return ""
     names = {p.name for p in run_dir.iterdir()}
-    if names <= set(SETUP_FILES):
+    if names <= {*SETUP_FILES, LOCK_NAME}:
         shutil.rmtree(run_dir, ignore_errors=True)
         return f"removed its folder {run_dir} (nothing was trained)"
     (run_dir / "error.txt").write_text(message.rstrip() + "\n")

@@ -25,7 +25,8 @@ from lrft.export.peft import write_peft_adapter
 from lrft.memory.choose import apply_plan
 from lrft.methods.base import Method
 from lrft.run.final import save_final
-from lrft.run.folder import resume_command
+from lrft.run.folder import claim, resume_command
+from lrft.run.lock import release
 from lrft.run.plots import write_loss_plot
 from lrft.run.topology import topology
 from lrft.train import faults
@@ -75,9 +76,18 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     state, exports). The summary holds steps, final train loss, final eval metrics and
     trainable/total parameters.
     """
+    run_dir = Path(run_dir)
+    took = claim(run_dir)  # the CLI took it already; API callers get it here (lrft.run.lock)
+    try:
+        return _train(cfg, run_dir, overrides)
+    finally:
+        if took:
+            release(run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> Run:
     from accelerate.utils import set_seed
 
-    run_dir = Path(run_dir)
     engine = make_engine(cfg, run_dir)
     acc = engine.accelerator
     cfg, plan = apply_plan(cfg, engine)  # trainer.memory_plan=auto: batch, accumulation, checkpointing

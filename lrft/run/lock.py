@@ -1,0 +1,98 @@
+"""One writer per run folder: an exclusive lock held for the whole run.
+
+A run folder is written by one run only. ``lrft train`` (its global rank 0) takes an exclusive
+``flock`` on ``RUN/.lrft.lock`` before it looks at, removes or writes anything there, and holds
+it until the run ends. A second ``lrft train`` into the same folder (a new run, ``trainer.resume``
+or ``trainer.overwrite``) is refused with exit 2 and the owner's pid and host, and nothing is
+touched. The kernel drops the lock when the owning process dies, however it dies, so a SIGKILLed
+run can be resumed at once; the file itself stays (removing it would let two processes lock two
+different files of the same name).
+
+What the lock relies on: ``flock`` is exact on local filesystems. On NFS (Linux >= 2.6.12 maps it
+to POSIX byte-range locks) it holds across clients when the server supports locking (NFSv4, or
+v3 with lockd); Lustre needs ``-o flock``; some FUSE mounts ignore locks. Where the filesystem
+ignores them, two runs are no longer kept apart: give each run its own ``output_dir``.
+
+The other ranks of a run take no lock: they write only where rank 0 tells them to, and a second
+launch is refused on its own rank 0, which makes the launcher stop the rest of that launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from lrft.errors import UserError
+
+LOCK_NAME = ".lrft.lock"
+_held: dict[Path, int] = {}  # run folder -> the open descriptor holding its lock (this process)
+
+
+class Held(UserError):
+    """Another process holds the folder; ``owner`` is what it recorded (pid, host, command...)."""
+
+    def __init__(self, folder: Path, owner: dict[str, object]) -> None:
+        self.folder, self.owner = folder, owner
+        who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+        since = f", since {owner['started']}" if owner.get("started") else ""
+        super().__init__(f"output_dir={folder} is in use by {owner.get('command', 'lrft')} ({who}{since}).")
+
+
+def _owner() -> dict[str, object]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": "lrft train",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "launch": os.environ.get("TORCHELASTIC_RUN_ID"),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+
+
+def holds(run_dir: Path) -> bool:
+    return Path(run_dir).resolve() in _held
+
+
+def acquire(run_dir: str | Path) -> bool:
+    """Lock ``run_dir`` (created if absent) for this process; False if it already held it.
+
+    Raises :class:`Held` when another process holds it. Only the global rank 0 locks (the
+    other ranks return False at once)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks to take
+        return False
+    folder = Path(run_dir).resolve()
+    if folder in _held or int(os.environ.get("RANK", "0")) != 0:
+        return False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"output_dir={folder} cannot be created or locked: {err.strerror}.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = _read(fd)
+        os.close(fd)
+        raise Held(folder, owner) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(_owner()) + "\n").encode(), 0)
+    _held[folder] = fd
+    return True
+
+
+def release(run_dir: str | Path) -> None:
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor drops the lock
+
+
+def _read(fd: int) -> dict[str, object]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
