@@ -9,7 +9,8 @@ from pathlib import Path
 from lrft.cli.jobs import compose_job, print_help
 from lrft.errors import EXIT_USAGE, UserError
 from lrft.export.peft import ExportJob, write_peft_adapter
-from lrft.run.output import check_output, refuse_overlap, resolve_run, say
+from lrft.run.lock import writing
+from lrft.run.output import check_output, refuse_inside_run, refuse_overlap, resolve_run, say
 
 
 def export_main(argv: list[str]) -> int:
@@ -24,14 +25,16 @@ def export_main(argv: list[str]) -> int:
         run_dir = resolve_run(job.checkpoint)
         output = Path(job.output).resolve()
         refuse_overlap(output, run_dir)
-        check_output(output, job.export.overwrite)
-        run = load_run(run_dir)
-        base = run.cfg.model.name_or_path or str(run_dir / "base")
-        if write_peft_adapter(run.model, run.method, run.cfg, output, base_path=base) is None:
-            raise UserError(
-                f"method '{run.method.name}' trains the weights themselves: there is no adapter to export "
-                "(`lrft merge` writes the trained model)."
-            )
+        refuse_inside_run(output, "export")
+        with writing(output, "lrft export"):  # the check and the publish: one step (lrft.run.lock)
+            check_output(output, job.export.overwrite)
+            run = load_run(run_dir)
+            base = run.cfg.model.name_or_path or str(run_dir / "base")
+            if write_peft_adapter(run.model, run.method, run.cfg, output, base_path=base) is None:
+                raise UserError(
+                    f"method '{run.method.name}' trains the weights themselves: there is no adapter to "
+                    "export (`lrft merge` writes the trained model)."
+                )
     except UserError as err:
         say(f"[bold red]error:[/] {err}")
         return EXIT_USAGE

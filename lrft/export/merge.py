@@ -30,9 +30,11 @@ from lrft.methods.base import Method
 from lrft.model.dtypes import TORCH_DTYPES
 from lrft.model.quantization import dense_weight, is_quantized
 from lrft.model.resolve import prequantized_checkpoint
+from lrft.run.lock import writing
 from lrft.run.output import (
     check_free_space,
     check_plain_keys,
+    refuse_inside_run,
     refuse_overlap,
     resolve_run,
     say,
@@ -88,8 +90,10 @@ def merge_run(checkpoint: str | Path, output: str | Path, opts: MergeOptions | N
     run_dir, output = resolve_run(checkpoint), Path(output).resolve()
     cfg = OmegaConf.load(run_dir / "config.yaml")
     refuse_overlap(output, run_dir, cfg.model.name_or_path)
-    # refuses a non-empty output (unless lrft wrote it and overwrite is on) before any loading
-    with staged_output(output, opts.overwrite, "merge.overwrite") as tmp:
+    refuse_inside_run(output, "merge")
+    # one lrft writer per output (lrft.run.lock), then: a non-empty output is refused (unless lrft
+    # wrote it and overwrite is on) before any loading
+    with writing(output, "lrft merge"), staged_output(output, opts.overwrite, "merge.overwrite") as tmp:
         start = time.perf_counter()
         src = load_source(run_dir, cfg, opts.base)
         model, task = src.model, cfg.model.task

@@ -23,6 +23,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lrft.errors import UserError
@@ -34,18 +36,19 @@ _held: dict[Path, int] = {}  # run folder -> the open descriptor holding its loc
 class Held(UserError):
     """Another process holds the folder; ``owner`` is what it recorded (pid, host, command...)."""
 
-    def __init__(self, folder: Path, owner: dict[str, object]) -> None:
+    def __init__(self, folder: Path, owner: dict[str, object], what: str | None = None) -> None:
         self.folder, self.owner = folder, owner
         who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
         since = f", since {owner['started']}" if owner.get("started") else ""
-        super().__init__(f"output_dir={folder} is in use by {owner.get('command', 'lrft')} ({who}{since}).")
+        what = what or f"output_dir={folder}"
+        super().__init__(f"{what} is in use by {owner.get('command', 'lrft')} ({who}{since}).")
 
 
-def _owner() -> dict[str, object]:
+def _owner(command: str) -> dict[str, object]:
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "command": "lrft train",
+        "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "launch": os.environ.get("TORCHELASTIC_RUN_ID"),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -62,7 +65,7 @@ def acquire(run_dir: str | Path) -> bool:
     Raises :class:`Held` when another process holds it. Only the global rank 0 locks (the
     other ranks return False at once)."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401
     except ImportError:  # not POSIX: no advisory locks to take
         return False
     folder = Path(run_dir).resolve()
@@ -70,19 +73,37 @@ def acquire(run_dir: str | Path) -> bool:
         return False
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _lock_path(folder / LOCK_NAME, "lrft train")
+    except Held as held:
+        raise Held(folder, held.owner) from None
     except OSError as err:
         raise UserError(f"output_dir={folder} cannot be created or locked: {err.strerror}.") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        owner = _read(fd)
-        os.close(fd)
-        raise Held(folder, owner) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(_owner()) + "\n").encode(), 0)
     _held[folder] = fd
     return True
+
+
+def _lock_path(path: Path, command: str) -> int:
+    """An open descriptor holding ``path``'s exclusive lock, with this process's owner record."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = _read(fd)
+            os.close(fd)
+            raise Held(path.parent, owner) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file as we locked it: lock the new one
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(_owner(command)) + "\n").encode(), 0)
+    return fd
 
 
 def release(run_dir: str | Path) -> None:
@@ -96,3 +117,30 @@ def _read(fd: int) -> dict[str, object]:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):
         return {}
+
+
+@contextmanager
+def writing(output: Path, command: str) -> Iterator[None]:
+    """Hold ``output``'s lock while ``command`` (``lrft merge``, ``lrft export``) checks and
+    writes it, so that the emptiness check and the publish are one step for lrft writers: a
+    second writer of the same output is refused with the owner. The lock is a hidden sibling,
+    ``.NAME.lrft.lock``, removed when the writer is done."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        yield
+        return
+    output = output.resolve()
+    path = output.parent / f".{output.name}.lrft.lock"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd = _lock_path(path, command)
+    except Held as held:
+        raise Held(output, held.owner, what=f"output {output}") from None
+    except OSError as err:
+        raise UserError(f"output {output} cannot be created or locked: {err.strerror}.") from None
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a writer that opened it retries (_lock_path)
+        os.close(fd)

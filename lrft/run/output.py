@@ -86,6 +86,18 @@ def refuse_overlap(output: Path, *protected: str | Path | None) -> None:
                 raise UserError(f"output {output} would replace {path}, which this command reads.")
 
 
+def refuse_inside_run(output: Path, command: str) -> None:
+    """``lrft merge`` / ``lrft export`` never write into a run folder: its adapter/ and final/
+    are the run's own (a merged model there would replace the adapter the run exported)."""
+    for folder in (output, *output.parents):
+        if (folder / "config.yaml").is_file() and (folder / "run_info.json").is_file():
+            beside = folder.parent / f"{folder.name}-{command}d"
+            raise UserError(
+                f"output {output} is inside the run folder {folder}: lrft {command} never writes into "
+                f"a run folder. Choose a folder outside it, e.g. output={beside}"
+            )
+
+
 def check_output(output: Path, overwrite: bool, flag: str = "export.overwrite") -> None:
     """Refuse a non-empty ``output`` unless ``overwrite`` and lrft wrote everything in it.
 
