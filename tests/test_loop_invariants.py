@@ -23,8 +23,6 @@ COMMON = [
     "trainer.log_every=1",
     "trainer.eval_every=0",
     "trainer.progress=false",
-    "method.dropout=0.0",
-    "trainer.cpu=true",
     "trainer.max_grad_norm=0",
     "trainer.loss_chunk=7",  # the chunked loss in many chunks of positions, not one
 ]
@@ -60,7 +58,9 @@ def run(tmp: Path, name: str, args: list[str]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("method", "opt", "tol"),
-    [("lora_fa", SGD, 1e-6), ("lora_fa", ADAMW, 1e-5), ("lora", ADAMW, 1e-5), ("dora", SGD, 1e-6)],
+    # AdamW: 1e-4, not 1e-5: with the shipped dropout a few gradient elements are near zero, and
+    # Adam's first steps (about lr·g/(|g|+eps)) magnify their float32 rounding (3e-5 measured)
+    [("lora_fa", SGD, 1e-6), ("lora_fa", ADAMW, 1e-4), ("lora", ADAMW, 1e-4), ("dora", SGD, 1e-6)],
     ids=["lora_fa-sgd", "lora_fa-adamw", "lora-adamw", "dora-sgd"],
 )
 def test_accumulation_equals_one_big_batch(tmp_path, method, opt, tol):

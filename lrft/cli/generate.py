@@ -39,6 +39,10 @@ def compose_generate(argv: list[str]) -> GenerateConfig:
     out = OmegaConf.to_object(typed)
     if out.max_new_tokens < 1 or out.batch_size < 1:
         raise UserError("max_new_tokens and batch_size must be >= 1.")
+    if not out.temperature >= 0:  # issue 24, finding 7
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {out.temperature}.")
+    if not 0.0 < out.top_p <= 1.0:
+        raise UserError(f"top_p is a probability mass in (0, 1], got {out.top_p}.")
     return out
 
 

@@ -66,7 +66,9 @@ def train_cmd(argv: list[str]) -> int:
             compose(combo)
         return _run_hydra(_info_flag(flags), overrides)
     from lrft.run.folder import prepare, unlock
+    from lrft.run.topology import launched_world
 
+    launched_world()  # a half-launched process stops before it touches output_dir
     try:
         prepared = prepare(
             overrides, say=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True)
@@ -165,8 +167,10 @@ def _distributed_overrides(overrides: list[str]) -> list[str]:
     import torch.distributed as dist
     from accelerate import PartialState
 
+    from lrft.run.topology import use_cpu
+
     cpu = any(o.lower() in ("trainer.cpu=true", "trainer.cpu=1") for o in overrides)
-    PartialState(cpu=cpu)  # the process group the run's Accelerator will reuse
+    PartialState(cpu=use_cpu(cpu))  # the process group the run's Accelerator will reuse
     stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
     dist.broadcast_object_list(stamp, src=0)
     os.environ["LRFT_RUN_STAMP"] = stamp[0]

@@ -77,6 +77,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "grad_accum"):
         if t[key] < 1:
             raise UserError(f"trainer.{key} must be >= 1, got {t[key]}.")
+    if not 0.0 <= t.warmup_ratio <= 1.0:  # issue 24, finding 7: a ratio of 2 warmed up forever
+        raise UserError(
+            f"trainer.warmup_ratio is the share of the steps spent warming up, in [0, 1]; got "
+            f"{t.warmup_ratio}. Use trainer.warmup_steps=N for a number of steps."
+        )
+    if t.warmup_steps < 0:
+        raise UserError(f"trainer.warmup_steps must be >= 0, got {t.warmup_steps}.")
     chunk = t.get("loss_chunk", "auto")
     if chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
         raise UserError(

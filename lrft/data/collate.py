@@ -20,7 +20,8 @@ class Collator:
     are padded with 0. ``labels`` are padded with -100 for causal/seq2seq, and for classification
     become a long tensor (float for a regression task such as STS-B).
 
-    Every key of the returned dict goes straight into ``model(**batch)``, except ``refs``: with
+    Every key of the returned dict goes straight into ``model(**batch)``, except ``dropout_ids``
+    (examples that carry a ``dropout_id``: the loop pops it to key the dropout masks) and ``refs``: with
     ``with_refs=True`` (used by the evaluator) a batch of text-to-text GLUE examples also holds
     ``batch["refs"]``, a python list of their reference labels, which the caller must
     ``batch.pop("refs")`` before the forward pass. Training leaves ``with_refs`` off.
@@ -54,6 +55,8 @@ class Collator:
                 batch["labels"] = torch.tensor(labels, dtype=torch.float if regression else torch.long)
             else:
                 batch["labels"] = _pad(labels, IGNORE_INDEX)
+        if "dropout_id" in examples[0]:  # training rows' indices (lrft.methods.dropout_keys)
+            batch["dropout_ids"] = torch.tensor([ex["dropout_id"] for ex in examples], dtype=torch.long)
         if self.with_refs and "ref" in examples[0]:
             batch["refs"] = [ex["ref"] for ex in examples]
         return batch

@@ -41,7 +41,9 @@ def pack_examples(examples: Sequence[dict[str, Any]], max_length: int) -> list[d
     Best fit (the fullest row with room) packs as tightly as first fit and runs in O(n log n).
 
     Returns rows of ``input_ids``, ``labels`` and ``position_ids`` (python lists, as
-    :func:`~lrft.data.encode.encode_rows` gives), in the order rows were opened.
+    :func:`~lrft.data.encode.encode_rows` gives), in the order rows were opened; examples that
+    carry a ``dropout_id`` give their rows per-token ``dropout_ids`` too (the masks follow the
+    example into its row: :mod:`lrft.methods.dropout_keys`).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -66,19 +68,23 @@ def pack_examples(examples: Sequence[dict[str, Any]], max_length: int) -> list[d
 
 
 def _concat(examples: list[dict[str, Any]], max_length: int) -> dict[str, list[int]]:
-    ids: list[int] = []
+    tokens: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
+    ids: list[int] = []
     for ex in examples:
         x = list(ex["input_ids"][:max_length])
         y = list(ex["labels"][:max_length])
         if len(y) != len(x):
             raise ValueError("packing needs per-token labels (causal examples)")
         y[0] = IGNORE_INDEX  # would be predicted from the previous example's last token
-        ids += x
+        tokens += x
         labels += y
         positions += range(len(x))
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+        if "dropout_id" in ex:
+            ids += [int(ex["dropout_id"])] * len(x)
+    row = {"input_ids": tokens, "labels": labels, "position_ids": positions}
+    return {**row, "dropout_ids": ids} if ids else row
 
 
 #: the 4D mask convention of each attention implementation (transformers' ``sdpa_mask`` and
@@ -135,13 +141,19 @@ class PackedCollator:
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.arange(width, dtype=torch.long).repeat(len(rows), 1)
+        keyed = "dropout_ids" in rows[0]
+        example_ids = torch.full((len(rows), width), -1, dtype=torch.long) if keyed else None
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
             labels[i, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
             positions[i, :n] = torch.as_tensor(r["position_ids"], dtype=torch.long)
             positions[i, n:] = torch.arange(width - n)
+            if example_ids is not None:
+                example_ids[i, :n] = torch.as_tensor(r["dropout_ids"], dtype=torch.long)
         batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+        if example_ids is not None:  # per token, pad −1; popped by the loop (lrft.methods.dropout_keys)
+            batch["dropout_ids"] = example_ids
         if self.mask is not None:
             batch["attention_mask"] = block_causal_mask(positions, self.mask)
         return batch

@@ -54,47 +54,79 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
 
 
 def new_seed(device: torch.device) -> torch.Tensor:
-    """A fresh int32 seed drawn from the global RNG on ``device``: reproducible under
-    ``torch.manual_seed``, and redrawn identically by checkpoint recompute (which restores the RNG)."""
+    """A fresh int32 seed drawn from the global RNG on ``device`` (the unkeyed path: a layer
+    called outside lrft's loop); redrawn identically by checkpoint recompute (which restores the RNG)."""
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int32, device=device)
 
 
-def keep_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """Bool keep-mask of ``like``'s shape, P(keep) = 1 − p, a pure function of (index, seed).
+def seed_rows(n: int, seed: torch.Tensor) -> torch.Tensor:
+    """Row keys (n,) int32 of the unkeyed path: a hash of (row index in the tensor, seed)."""
+    h = torch.arange(n, dtype=torch.int32, device=seed.device)
+    return _mix32(h.mul_(_GOLDEN).add_(seed))  # a Weyl step first: neighbouring rows land far apart
 
-    Indices are int32 and wrap beyond 2³² elements (a single activation that large repeats its
-    mask pattern; nothing else changes).
-    """
-    h = torch.arange(like.numel(), dtype=torch.int32, device=like.device).view(like.shape)
-    h = _mix32(h.mul_(_GOLDEN).add_(seed))  # a Weyl step first: neighbouring indices land far apart
+
+def _rows_of(like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``key`` is a 0-d seed (keys by row index) or the (n,) row keys of ``like`` viewed as (n, F)."""
+    n = like.numel() // max(1, like.shape[-1]) if like.dim() else 1
+    if key.dim() == 0:
+        return seed_rows(n, key)
+    if key.numel() != n:
+        raise ValueError(f"{key.numel()} row keys for a tensor of {n} rows of {like.shape[-1]}")
+    return key
+
+
+def _threshold(p: float) -> int:
     # h is uniform over int32: keep the top (1 − p) share of its range
-    return h >= int(-(2**31) + round(p * 2**32))
+    return int(-(2**31) + round(p * 2**32))
 
 
-def dropout_mask(like: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+def _keep_rows(rows: torch.Tensor, features: int, p: float) -> torch.Tensor:
+    """(n, features) bool keep-mask: element (i, f) kept iff mix(rows[i] + f·golden) is high.
+
+    ``rows`` are already-mixed int32 keys (one per token or row), so one hash per element makes
+    its bit; the (n, features) int32 tensor is the only mask-sized temporary.
+    """
+    f = torch.arange(features, dtype=torch.int32, device=rows.device).mul_(_GOLDEN)
+    return _mix32(rows.unsqueeze(-1) + f) >= _threshold(p)
+
+
+def keep_mask(like: torch.Tensor, p: float, key: torch.Tensor) -> torch.Tensor:
+    """Bool keep-mask of ``like``'s shape, P(keep) = 1 − p, a pure function of (row key, feature).
+
+    ``key``: a 0-d int32 seed (row keys hashed from the row's index in ``like`` viewed as
+    (n, F)) or the (n,) row keys themselves (:class:`DropoutKeys`: from the example, the position,
+    the layer, the step and the seed, so the bits do not depend on how the batch was split).
+    Indices are int32 and wrap beyond 2³² rows (the pattern repeats; nothing else changes).
+    """
+    features = like.shape[-1] if like.dim() else 1
+    return _keep_rows(_rows_of(like, key), features, p).view(like.shape)
+
+
+def dropout_mask(like: torch.Tensor, p: float, key: torch.Tensor) -> torch.Tensor:
     """The keep-mask scaled by 1/(1-p), in ``like``'s dtype: the dropout LowRankFn applies (it
     multiplies by :func:`keep_mask` and folds 1/(1-p) into its scale; tests compare with this)."""
-    return keep_mask(like, p, seed).to(like.dtype).mul_(1.0 / (1.0 - p))
+    return keep_mask(like, p, key).to(like.dtype).mul_(1.0 / (1.0 - p))
 
 
-def _drop_eager(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    return x * keep_mask(x, p, seed)
+def _drop_eager(x: torch.Tensor, p: float, rows: torch.Tensor) -> torch.Tensor:
+    """x (n, F) ⊙ keep(rows (n,), F): the function both kernels compute."""
+    return x * _keep_rows(rows, x.shape[-1], p)
 
 
 _fused: Callable[..., torch.Tensor] | None = None
 _fused_failed = False
 
 
-def _drop_fused(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """``_drop_eager`` compiled once per process, on the flattened tensor (the mask is a function
-    of the flat index, so the bits are the same): one dynamic kernel serves every shape and rank
-    of input; it recompiles only per dtype and per p (a handful, far below dynamo's limit)."""
+def _drop_fused(x: torch.Tensor, p: float, rows: torch.Tensor) -> torch.Tensor:
+    """``_drop_eager`` compiled once per process, on (rows, features): one dynamic kernel serves
+    every shape of input; it recompiles only per dtype and per p (a handful, far below dynamo's
+    limit). The (n,) row keys are made eagerly, outside it: they are 1/F of the work."""
     global _fused, _fused_failed
     if _fused is None:
         _fused = torch.compile(_drop_eager, dynamic=True, fullgraph=True)
     try:
         # detach(): a plain tensor, not a view, so dynamo guards on no base tensor's shape
-        return _fused(x.reshape(-1).detach(), p, seed).view(x.shape)
+        return _fused(x.detach(), p, rows)
     except Exception as err:  # no C++ compiler / no Triton / a compiler bug: same bits, slower
         _fused_failed = True
         log.warning(
@@ -104,7 +136,7 @@ def _drop_fused(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
             type(err).__name__,
             str(err).splitlines()[0] if str(err) else "",
         )
-        return _drop_eager(x, p, seed)
+        return _drop_eager(x, p, rows)
 
 
 def fused_for(kernel: str, device: torch.device) -> bool:
@@ -116,8 +148,10 @@ def fused_for(kernel: str, device: torch.device) -> bool:
     return kernel == "fused" or (kernel == "auto" and device.type == "cuda")
 
 
-def drop(x: torch.Tensor, p: float, seed: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-    """x ⊙ keep_mask(x, p, seed) (unscaled: the caller folds 1/(1-p) into its own scale)."""
+def drop(x: torch.Tensor, p: float, key: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """x ⊙ keep_mask(x, p, key) (unscaled: the caller folds 1/(1-p) into its own scale)."""
+    features = x.shape[-1] if x.dim() else 1
+    x2, rows = x.reshape(-1, features), _rows_of(x, key)
     if torch.compiler.is_compiling() or not fused_for(kernel, x.device):
-        return _drop_eager(x, p, seed)
-    return _drop_fused(x, p, seed)
+        return _drop_eager(x2, p, rows).view(x.shape)
+    return _drop_fused(x2, p, rows).view(x.shape)

@@ -15,8 +15,10 @@ implements exactly that, and for any configuration keeps only what the requested
 
 - frozen A: ``x̃ Aᵀ`` (n, r) only;
 - trainable A: the dropped input ``x̃`` once (n, k), plus ``x̃ Aᵀ``;
-- dropout: no mask is stored, backward regenerates it from a 4-byte seed tensor
-  (:mod:`lrft.methods.dropout`: the same bits from an eager or a fused kernel).
+- dropout: no mask is stored, backward regenerates it from its keys: in lrft's loop the
+  micro-batch's (n,) token keys, shared by every layer, and the layer's ℓ, so the mask follows
+  the example and not the split (:mod:`lrft.methods.dropout_keys`); elsewhere a 4-byte seed
+  tensor (:mod:`lrft.methods.dropout`: the same bits from an eager or a fused kernel).
 
 The base layer is called as a module, so bitsandbytes 4/8-bit layers work unchanged. The other
 methods are choices on this one layer: an init that moves the base (PiSSA, LoRA-GA:
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from lrft.methods.dropout import drop, new_seed
+from lrft.methods.dropout_keys import layer_key, row_keys, token_keys
 from lrft.model.quantization import dense_weight, set_dense_weight
 
 
@@ -48,23 +51,24 @@ class LowRankFn(torch.autograd.Function):
     """s · dropout(x) Aᵀ Bᵀ with a backward that saves only what the needed gradients use."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scale: float, p: float, grad_proj=None, kernel="auto"):
+    def forward(ctx, x, lora_a, lora_b, scale: float, p: float, grad_proj=None, kernel="auto", key=0):
         dtype = _compute_dtype(x)
-        seed = new_seed(x.device) if p > 0 else None
+        tokens = token_keys(x, key) if p > 0 else None
+        seed = new_seed(x.device) if p > 0 and tokens is None else None
         # dropout's 1/(1-p) is folded into the scale: s·((x⊙keep)/(1-p))AᵀBᵀ = s/(1-p)·(x⊙keep)AᵀBᵀ,
         # so applying the mask is one multiply by a bool tensor, here and in backward
         scale = scale / (1.0 - p) if p > 0 else scale
         with torch.autocast(x.device.type, enabled=False):
             xd = x.to(dtype)
             if p > 0:
-                xd = drop(xd, p, seed, kernel)
+                xd = drop(xd, p, seed if tokens is None else row_keys(tokens, key), kernel)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             xa = xd @ a.t()  # (..., r)
             out = (xa @ b.t()) * scale
-        # the seed (a 0-d int32 tensor, not an input) rides on ctx, not save_for_backward: it is
-        # the dropout's whole state, 4 bytes, and not an activation
+        # the seed (a 0-d int32 tensor) or the token keys (one tensor shared by every layer of the
+        # micro-batch) ride on ctx, not save_for_backward: they are the dropout's whole state
         ctx.scale, ctx.p, ctx.seed, ctx.dtype, ctx.grad_proj = scale, p, seed, dtype, grad_proj
-        ctx.kernel = kernel
+        ctx.kernel, ctx.tokens, ctx.key = kernel, tokens, key
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # A's gradient needs the (dropped) input; B's only x̃Aᵀ; x's only the weights.
         saved_x = xd if lora_a.requires_grad else None
@@ -91,9 +95,10 @@ class LowRankFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_xa @ a).reshape(ctx.x_shape)
             if ctx.p > 0:
-                grad_x = drop(grad_x, ctx.p, ctx.seed, ctx.kernel)
+                rows = ctx.seed if ctx.tokens is None else row_keys(ctx.tokens, ctx.key)
+                grad_x = drop(grad_x, ctx.p, rows, ctx.kernel)
             grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 class LowRankLinear(nn.Module):
@@ -135,6 +140,8 @@ class LowRankLinear(nn.Module):
         # which kernel computes the dropout mask (lrft.methods.dropout; trainer.dropout_kernel):
         # an execution choice, not state, so it is not saved
         self.dropout_kernel = "auto"
+        # ℓ of the split-invariant mask (lrft.methods.dropout_keys.key_layers sets it from the name)
+        self.dropout_key = 0
         self._proj: torch.Tensor | None = None  # _grad_proj's cache and the A it was computed from
         self._proj_key: tuple[Any, ...] | None = None
         weight = base.weight
@@ -157,7 +164,9 @@ class LowRankLinear(nn.Module):
         """s · dropout(x) Aᵀ Bᵀ in ``dtype``, through :class:`LowRankFn`."""
         p = self.p if self.training else 0.0
         proj = self._grad_proj()
-        out = LowRankFn.apply(x, self.lora_A, self.lora_B, self.scale, p, proj, self.dropout_kernel)
+        out = LowRankFn.apply(
+            x, self.lora_A, self.lora_B, self.scale, p, proj, self.dropout_kernel, self.dropout_key
+        )
         return out.to(dtype)
 
     def _grad_proj(self) -> torch.Tensor | None:
@@ -305,4 +314,13 @@ def use_dropout_kernel(model: nn.Module, kernel: str) -> int:
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     for layer in layers:
         layer.dropout_kernel = kernel
+    return len(layers)
+
+
+def key_layers(model: nn.Module) -> int:
+    """Give every low-rank layer the ℓ of its split-invariant dropout mask from its name in
+    ``model`` (:mod:`lrft.methods.dropout_keys`); returns how many were keyed."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    for name, layer in layers:
+        layer.dropout_key = layer_key(name)
     return len(layers)

@@ -31,6 +31,7 @@ class Lora(Method):
         c = self.cfg
         targets = list(c.target_modules or defaults.get("target_modules") or ["all-linear"])
         names = find_targets(model, targets)
+        _check_rank(model, names, c.r)
         model.requires_grad_(False)
         for name in names:
             replace_module(model, name, self.make_layer(model.get_submodule(name)))
@@ -90,3 +91,20 @@ class Lora(Method):
                 module.lora_A0 = module.lora_B0 = None
                 module.offset_base(a0, b0, source)
         super().load_trainable(model, state)
+
+
+def _check_rank(model: nn.Module, names: list[str], r: int) -> None:
+    """A rank-r update of a d×k weight has rank at most min(d, k): a larger r only adds parameters
+    (issue 24, finding 7: r=512 on a 64-wide model trained 5x the base's size, silently)."""
+    from lrft.errors import UserError
+
+    narrow = {n: min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
+    over = {n: w for n, w in narrow.items() if r > w}
+    if over:
+        name, width = min(over.items(), key=lambda kv: kv[1])
+        raise UserError(
+            f"method.r={r} is larger than the layers it adapts: {name} is {width} wide on its narrow "
+            f"side ({len(over)} of {len(narrow)} target layers are narrower than r), and a rank-r "
+            f"update of it has rank at most {width}. Use method.r <= {min(narrow.values())}, or "
+            "method=full to train whole weights."
+        )

@@ -95,6 +95,16 @@ def check_lora(root_cfg: Any) -> None:
         raise UserError(f"method.r must be >= 1, got {m.r}.")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"method.dropout must be in [0, 1), got {m.dropout}.")
+    if not m.alpha > 0:  # issue 24, finding 7: alpha=0 scales the update to nothing, silently
+        raise UserError(
+            f"method.alpha must be > 0 (the update is scaled by alpha/r), got {m.alpha}: alpha=0 "
+            f"trains nothing. A common choice is alpha = 2r (here {2 * m.r})."
+        )
+    if m.target_modules is not None and len(m.target_modules) == 0:
+        raise UserError(
+            "method.target_modules=[] names no layer. List the layers to adapt (e.g. [q_proj,v_proj]), "
+            "use all-linear, or drop the key for the model's defaults."
+        )
     if m.project_grad and not m.freeze_a:
         raise UserError(
             "method.project_grad=true corrects B's gradient for a FROZEN A (LoRA-FA): "

@@ -47,7 +47,9 @@ RUN_FILES = (
     "lrft",  # accelerate's tensorboard tracker (trainer.report_to)
 )
 # written before training starts: a run that failed with nothing else is only these
-SETUP_FILES = ("config.yaml", "run_info.json", "cli.log", "train.log", ".hydra", "error.txt")
+SETUP_FILES = ("config.yaml", "run_info.json", "cli.log", "train.log", ".hydra", "error.txt", "base")
+# (base/: a randomly initialised model's weights, written before the method is applied; a retry
+# writes them again from the seed)
 # trainer keys that do not change what is computed: allowed to differ at resume
 HARMLESS_TRAINER = (
     "log_every",
@@ -76,7 +78,8 @@ def resume_command(run_dir: str | Path) -> str:
 
 
 def run_state(run_dir: Path) -> str:
-    """``absent`` | ``empty`` | ``finished`` | ``unfinished`` | ``foreign`` (files, but no lrft run)."""
+    """``absent`` | ``empty`` | ``finished`` | ``unfinished`` | ``failed`` (an attempt that stopped
+    before its first step: setup files and error.txt only) | ``foreign`` (files, but no lrft run)."""
     if not run_dir.exists():
         return "absent"
     if not run_dir.is_dir():
@@ -86,6 +89,8 @@ def run_state(run_dir: Path) -> str:
         return "empty"
     if "summary.json" in names or (run_dir / "final" / "COMPLETE").is_file():
         return "finished"
+    if "error.txt" in names and names <= set(SETUP_FILES):
+        return "failed"
     if names & {"config.yaml", "checkpoints", "run_info.json"}:
         return "unfinished"
     return "foreign"
@@ -137,6 +142,11 @@ def prepare(overrides: list[str], say: Any = print) -> list[str] | None:
         )
     if overwrite and resuming:
         raise UserError("trainer.overwrite=true starts over and trainer.resume continues: choose one.")
+    if state == "failed":  # nothing was trained: the next attempt (with its fix) takes its place
+        if int(os.environ.get("RANK", "0")) == 0:
+            remove_run_files(run_dir)
+            say(f"{run_dir} held an attempt that failed before its first step: starting afresh there.")
+        return [o for o in overrides if _key(o) != "trainer.resume"]
     if overwrite:
         if int(os.environ.get("RANK", "0")) == 0:  # one process removes, the others only train
             kept = remove_run_files(run_dir)
@@ -164,11 +174,11 @@ def prepare(overrides: list[str], say: Any = print) -> list[str] | None:
     return resume_overrides(run_dir, overrides, say)
 
 
-def claim(run_dir: Path) -> bool:
+def claim(run_dir: Path, any_rank: bool = False) -> bool:
     """Lock ``run_dir`` for this process (:mod:`lrft.run.lock`); False if it held it already. A
     folder another process holds is refused with its owner and what to do."""
     try:
-        return acquire(run_dir)
+        return acquire(run_dir, any_rank=any_rank)
     except Held as held:
         raise UserError(
             f"{held} A run folder has one writer: wait for that run to finish, or stop it (Ctrl-C "

@@ -14,7 +14,10 @@ v3 with lockd); Lustre needs ``-o flock``; some FUSE mounts ignore locks. Where 
 ignores them, two runs are no longer kept apart: give each run its own ``output_dir``.
 
 The other ranks of a run take no lock: they write only where rank 0 tells them to, and a second
-launch is refused on its own rank 0, which makes the launcher stop the rest of that launch.
+launch is refused on its own rank 0, which makes the launcher stop the rest of that launch. On
+node-local disks (``trainer.shared_fs=false``) each node's local rank 0 writes its own copy of the
+folder, so it locks that copy too. The owner record names the launch (torchrun's run id) and its
+world size.
 """
 
 from __future__ import annotations
@@ -59,17 +62,18 @@ def holds(run_dir: Path) -> bool:
     return Path(run_dir).resolve() in _held
 
 
-def acquire(run_dir: str | Path) -> bool:
+def acquire(run_dir: str | Path, any_rank: bool = False) -> bool:
     """Lock ``run_dir`` (created if absent) for this process; False if it already held it.
 
     Raises :class:`Held` when another process holds it. Only the global rank 0 locks (the
-    other ranks return False at once)."""
+    other ranks return False at once), unless ``any_rank``: a node's local rank 0 locks its own
+    node-local copy of the run folder (``trainer.shared_fs=false``)."""
     try:
         import fcntl  # noqa: F401
     except ImportError:  # not POSIX: no advisory locks to take
         return False
     folder = Path(run_dir).resolve()
-    if folder in _held or int(os.environ.get("RANK", "0")) != 0:
+    if folder in _held or (not any_rank and int(os.environ.get("RANK", "0")) != 0):
         return False
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -101,3 +101,65 @@ def agree_on_checkpoint(accelerator: Any, run_dir: Path, candidates: list[Path])
     dist.all_gather_object(everyone, sorted(steps))
     common = set(everyone[0]).intersection(*map(set, everyone[1:]))
     return steps[max(common)] if common else None
+
+
+# --- the launch: is this process the run it looks like? -------------------------------------------
+
+_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_world() -> int:
+    """The number of processes the launcher says this job has (``WORLD_SIZE``; 1 without one).
+
+    A process that sees ``WORLD_SIZE > 1`` without the rest of a launcher's environment (a
+    variable left exported in a shell, a scheduler script that sets it by hand) would train alone
+    while believing it is one of several: refused, before anything is read or written."""
+    raw = os.environ.get("WORLD_SIZE", "").strip()
+    if not raw:
+        return 1
+    try:
+        world = int(raw)
+    except ValueError:
+        from lrft.errors import UserError
+
+        raise UserError(f"WORLD_SIZE={raw!r} is not a number of processes.") from None
+    missing = [v for v in _LAUNCH_VARS if not os.environ.get(v)]
+    if world > 1 and missing:
+        from lrft.errors import UserError
+
+        raise UserError(
+            f"WORLD_SIZE={world} says this is one of {world} processes, but {', '.join(missing)} "
+            "is not set, so it would train alone and race the others on one run folder. Start "
+            "the processes with a launcher (torchrun --nproc_per_node N -m lrft train ..., or "
+            "accelerate launch), or unset WORLD_SIZE for a single-process run."
+        )
+    return max(1, world)
+
+
+def use_cpu(requested: bool) -> bool:
+    """accelerate's ``cpu`` flag: the request, or True for a multi-process launch on a machine
+    with no accelerator. accelerate itself joins the launcher's process group on a CPU-only machine
+    only when told ``cpu=True``; without it every process would run alone, as a 1-process run."""
+    if requested:
+        return True
+    if launched_world() <= 1:
+        return False
+    import torch
+
+    available = getattr(torch, "accelerator", None)
+    return not (available.is_available() if available is not None else torch.cuda.is_available())
+
+
+def check_world(accelerator: Any) -> None:
+    """The run sees as many processes as the launcher started, or it stops here."""
+    world = launched_world()
+    if accelerator.num_processes != world:
+        from lrft.errors import UserError
+
+        raise UserError(
+            f"the launcher started {world} processes (WORLD_SIZE={world}) but this run sees "
+            f"{accelerator.num_processes} (accelerate: {accelerator.distributed_type}). They would be "
+            f"{world} separate runs racing on one folder, so nothing was trained. On a CPU-only "
+            "machine set trainer.cpu=true; on GPUs check that each process sees its device "
+            "(CUDA_VISIBLE_DEVICES)."
+        )

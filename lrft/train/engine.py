@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from lrft.errors import UserError
+from lrft.run.topology import check_world, use_cpu
 from lrft.schema import PRECISIONS
 from lrft.train import sharding
 
@@ -64,10 +65,11 @@ def make_engine(cfg: DictConfig, run_dir: Path) -> Engine:
     acc = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=1,
-        cpu=t.cpu,
+        cpu=use_cpu(bool(t.cpu)),  # a torchrun launch on a CPU-only machine joins its gloo group
         log_with=t.report_to,
         project_dir=str(run_dir),
     )
+    check_world(acc)  # before anything is written: never N one-process runs on one folder
     if precision == "fp16" and acc.scaler is None:
         # accelerate runs fp16 only on accelerators; torch's CPU autocast and GradScaler do the same
         # arithmetic, so fp16 runs (and is tested) on CPU through the same code path. Before

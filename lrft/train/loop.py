@@ -95,6 +95,21 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> Run:
     set_seed(t.seed)
     topo = topology(acc, run_dir, t.shared_fs)
     writer = topo.writes_node_files(acc)  # global rank 0; on node-local disks each node's local 0
+    if writer and not acc.is_main_process:  # this node's own copy of the folder: one writer too
+        node_lock = claim(run_dir, any_rank=True)
+        try:
+            return _run(cfg, run_dir, overrides, engine, topo, writer, plan)
+        finally:
+            if node_lock:
+                release(run_dir)
+    return _run(cfg, run_dir, overrides, engine, topo, writer, plan)
+
+
+def _run(
+    cfg: DictConfig, run_dir: Path, overrides: list[str] | None, engine: Any, topo: Any, writer: bool,
+    plan: Any,
+) -> Run:  # fmt: skip
+    acc, t = engine.accelerator, cfg.trainer
     if writer:
         write_run_files(cfg, run_dir, overrides or [], engine, topo, plan)
     s = setup(cfg, run_dir, engine)
@@ -180,7 +195,7 @@ def _steps(live: Live) -> None:
     for window in _windows(acc, s, state):
         res = forward_backward(
             acc, s.model, window, live.cfg.model.task, decoder_inputs=decoder_inputs,
-            autocast=policy.autocast, step=state.pos.step, loss_chunk=t.loss_chunk,
+            autocast=policy.autocast, step=state.pos.step, loss_chunk=t.loss_chunk, seed=t.seed,
         )  # fmt: skip
         policy.update(s.model, s.optimizer, s.scheduler, res, state)
         logger.add(res)

@@ -28,7 +28,8 @@ from lrft.data.pipeline import prepare_split
 from lrft.data.sampling import LengthGroupedSampler
 from lrft.methods import get_method
 from lrft.methods.base import ApplyContext, Method
-from lrft.methods.layers import use_dropout_kernel
+from lrft.methods.dropout_keys import WithIds
+from lrft.methods.layers import key_layers, use_dropout_kernel
 from lrft.model.activations import blocks, checkpoint_blocks, offload_blocks, resolve_count
 from lrft.model.load import count_parameters, load_model, load_tokenizer, quantize
 from lrft.model.meta import build_meta_model
@@ -183,6 +184,7 @@ def _build_model(
 
 def _for_training(model: nn.Module, t: Any) -> None:
     use_dropout_kernel(model, t.get("dropout_kernel", "auto"))
+    key_layers(model)  # ℓ of each layer's dropout mask, from its name (before any wrapping)
     # "auto" was replaced by a count before setup (lrft.memory.choose.apply_plan)
     checkpoint_blocks(model, resolve_count(t.gradient_checkpointing, len(blocks(model))))
     if t.get("offload_activations"):
@@ -199,8 +201,11 @@ def _loader(
 
     t = cfg.trainer
     rows, collate = train_ex, Collator(tokenizer, cfg.model.task)
+    # map-style examples carry their index: the low-rank dropout masks follow the example, not
+    # the split (lrft.methods.dropout_keys); streamed data has no stable index and is not keyed
+    keyed = not streaming
     if cfg.dataset.packing:  # whole examples concatenated into rows of max_length (lrft.data.packing)
-        rows = pack_examples(train_ex, int(cfg.dataset.max_length))
+        rows = pack_examples(WithIds(train_ex) if keyed else train_ex, int(cfg.dataset.max_length))
         # compiled: one shape for every batch (nothing recompiles) and an explicit block mask, not
         # transformers' version-dependent detection of packed rows
         attn = getattr(model.config, "_attn_implementation", None)
@@ -215,6 +220,8 @@ def _loader(
         sampler: Any = LengthGroupedSampler([len(r["input_ids"]) for r in rows], t.batch_size, t.seed)
     else:
         sampler = EpochSampler(len(rows), t.seed)
+    if keyed and not cfg.dataset.packing:
+        rows = WithIds(rows)
     # its own generator: creating an iterator then draws no number from the global RNG (dropout)
     gen = torch.Generator().manual_seed(t.seed)
     loader = DataLoader(rows, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, generator=gen)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lrft.data.packing import batch_token_stats
+from lrft.methods.dropout_keys import ID_KEY, keyed
 from lrft.model.loss import DEFAULT_CHUNK, loss_count, loss_sum
 from lrft.train import faults
 from lrft.train.sharding import no_sync
@@ -50,11 +51,14 @@ def forward_backward(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     step: int = 0,
     loss_chunk: int | str = DEFAULT_CHUNK,
+    seed: int = 0,
 ) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step (gradients accumulate).
 
     Backward always runs, also on a batch whose loss is not finite (it contributes zero): every
     rank then joins every gradient all-reduce, and the step policy decides for all ranks at once.
+    The dropout masks of a micro-batch are keyed by its examples' ids, ``step`` and ``seed``
+    (:mod:`lrft.methods.dropout_keys`), for its forward and its backward.
     """
     device = accelerator.device
     world = accelerator.num_processes
@@ -69,7 +73,10 @@ def forward_backward(
     for i, batch in enumerate(window):
         # gradients are all-reduced once per step, on the last micro-batch
         sync = nullcontext() if i == len(window) - 1 else no_sync(accelerator, model)
-        with sync:
+        batch = dict(batch)
+        ids = batch.pop(ID_KEY, None)
+        positions = batch.get("position_ids") if ids is not None and ids.dim() == 2 else None
+        with sync, keyed(ids, positions, seed, step):
             with autocast():
                 s = loss_sum(model, batch, task, decoder_inputs, loss_chunk, upstream=scale)
             if nan_fault:
