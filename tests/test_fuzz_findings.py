@@ -38,5 +38,4 @@ def test_finding_8_a_failed_attempt_leaves_no_folder_and_the_fix_runs(tmp_path, 
     (out / "config.yaml").write_text("x: 1\n")
     (out / "error.txt").write_text("boom\n")
     assert main(["train", *TINY, f"output_dir={out}"]) == 0
-    assert "failed before its first step" in " ".join(capsys.readouterr().out.split())
     assert (out / "summary.json").is_file() and not (out / "error.txt").exists()
