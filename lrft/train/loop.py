@@ -95,14 +95,13 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> Run:
     set_seed(t.seed)
     topo = topology(acc, run_dir, t.shared_fs)
     writer = topo.writes_node_files(acc)  # global rank 0; on node-local disks each node's local 0
-    if writer and not acc.is_main_process:  # this node's own copy of the folder: one writer too
-        node_lock = claim(run_dir, any_rank=True)
-        try:
-            return _run(cfg, run_dir, overrides, engine, topo, writer, plan)
-        finally:
-            if node_lock:
-                release(run_dir)
-    return _run(cfg, run_dir, overrides, engine, topo, writer, plan)
+    # a node's own copy of the folder (node-local disks) has one writer too
+    node_lock = writer and not acc.is_main_process and claim(run_dir, any_rank=True)
+    try:
+        return _run(cfg, run_dir, overrides, engine, topo, writer, plan)
+    finally:
+        if node_lock:
+            release(run_dir)
 
 
 def _run(
