@@ -23,7 +23,7 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 # loggers that repeat one harmless line per layer or per import
-NOISY_LOGGERS = ("bitsandbytes", "accelerate.utils.modeling", "torch.distributed.elastic")
+NOISY_LOGGERS = ("bitsandbytes", "accelerate.utils.modeling", "torch.distributed.elastic", "kernels")
 
 
 def split_verbose(argv: list[str]) -> tuple[list[str], bool]:

@@ -9,7 +9,6 @@ taught it to. Greedy unless ``temperature > 0``; batches are left-padded.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lrft.errors import UserError
+from lrft.run.atomic import check_file_output, publish_file
 
 FORMATS = ("auto", "chat", "alpaca", "plain")
 
@@ -42,6 +42,7 @@ class GenerateConfig:
     system: str | None = None
     input_file: str | None = None
     output_file: str | None = None
+    overwrite: bool = False  # replace an existing output_file (never the input_file)
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -264,6 +265,8 @@ def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     rows = [{"prompt": cfg.prompt}] if cfg.prompt else read_prompts(cfg.input_file)  # before loading
     if cfg.input_file and not cfg.output_file:
         raise UserError("input_file= needs output_file=out.jsonl (where the responses go).")
+    if cfg.output_file:  # before the model loads: a refused output costs nothing
+        check_file_output(Path(cfg.output_file), **_output_rules(cfg))
     gen = load_generator(cfg)
     if cfg.prompt:
         streamer = StopStreamer(gen.tokenizer, gen.stops) if cfg.stream else None
@@ -279,13 +282,16 @@ def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
             batch = rows[start : start + cfg.batch_size]
             answers = gen.answer([gen.inputs(r, cfg.system) for r in batch], cfg)
             out += [{**r, "response": a} for r, a in zip(batch, answers, strict=True)]
-    path = Path(cfg.output_file).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
+    path = publish_file(
+        Path(cfg.output_file), lambda tmp: tmp.write_text(text, encoding="utf-8"), **_output_rules(cfg)
+    )
     print(f"{len(out)} responses written to {path}", file=sys.stderr)
     return out
+
+
+def _output_rules(cfg: GenerateConfig) -> dict[str, Any]:
+    return dict(overwrite=cfg.overwrite, flag="overwrite=true", reads=(cfg.input_file,))
 
 
 class StopStreamer:

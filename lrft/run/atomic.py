@@ -23,8 +23,9 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 COMPLETE = "COMPLETE"
 
@@ -134,6 +135,58 @@ def staged_dir(
     except BaseException:
         stage.abort()
         raise
+
+
+def check_file_output(
+    path: Path,
+    *,
+    overwrite: bool,
+    flag: str,
+    reads: tuple[str | Path | None, ...] = (),
+    ours: Callable[[Path], bool] = lambda _: False,
+) -> Path:
+    """Refuse an output file that would replace what lrft must not: a file lrft did not write
+    (``ours`` says which it did) unless ``overwrite`` (the user set ``flag``), a file this command
+    reads (``reads``), a folder, or a path under a file. Returns the absolute path."""
+    from lrft.errors import UserError
+
+    path = Path(path).expanduser().absolute()
+    for source in reads:
+        if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
+            raise UserError(f"{path} is also the input this command reads: write to another file.")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give a file name for the output.")
+    if path.exists() and not overwrite and not ours(path):
+        raise UserError(
+            f"{path} exists and was not written by lrft: choose another file, or set {flag} to replace it."
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {path}: {parent} is a file, not a folder.")
+            break
+    return path
+
+
+def publish_file(path: Path, write: Callable[[Path], None], **rules: Any) -> Path:
+    """Write one output file (generations, a plot) aside, then rename it into place, after the
+    checks of :func:`check_file_output` (``rules`` are its keywords). A file that cannot be made
+    (/proc, no permission, disk full) is a :class:`UserError`; the hidden temporary file never
+    outlives a failure."""
+    from lrft.errors import UserError
+
+    path = check_file_output(path, **rules)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}.") from None
+    finally:
+        with suppress(OSError):  # absent after the rename, or never made
+            tmp.unlink()
+    return path
 
 
 def remove_stale(final: Path) -> None:

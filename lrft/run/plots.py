@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from lrft.errors import UserError
+from lrft.run.atomic import check_file_output, publish_file
 
 # evaluation keys that are counts or restate the loss: not curves worth a panel
 _NOT_CURVES = {"eval/loss", "eval/n", "eval/perplexity", "eval/invalid", "eval/truncated"}
@@ -72,14 +72,28 @@ def write_loss_plot(run_dir: str | Path) -> Path | None:
         for i, key in enumerate(others):
             _line(metrics, curve(records, key), key[len("eval/") :], f"C{(i + 2) % 10}", "--", marker="o")
         _style(metrics, "eval metric", "evaluation")
-    return _save(fig, canvas, run_dir / "loss.png")
+    try:
+        return _save(fig, canvas, run_dir / "loss.png")
+    except UserError as err:  # a full disk: the caller's own writes say so where it matters
+        print(f"warning: loss plot not drawn: {err}", file=sys.stderr)
+        return None
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path, metric: str = "loss") -> Path:
+def plot_runs(
+    run_dirs: list[str | Path], out: str | Path, metric: str = "loss", overwrite: bool = False
+) -> Path:
     """Overlay ``metric`` of several runs in one PNG: ``loss`` draws each run's train loss (solid)
-    and eval loss (dashed, same colour); any other name draws ``metric`` or ``eval/<metric>``."""
+    and eval loss (dashed, same colour); any other name draws ``metric`` or ``eval/<metric>``.
+
+    ``out`` may be a folder (the PNG is ``<metric>.png`` in it). An existing file is replaced only
+    if lrft plot wrote it, or with ``overwrite``."""
     if not run_dirs:
         raise UserError("lrft plot needs at least one run folder.")
+    out = Path(out).expanduser()
+    if out.is_dir():
+        out = out / f"{metric.replace('/', '_')}.png"
+    rules = dict(overwrite=overwrite, flag="--overwrite", ours=written_by_lrft)
+    check_file_output(out, **rules)  # before any drawing
     runs = [Path(r) for r in run_dirs]
     labels = _labels(runs)
     fig, canvas = _figure(1)
@@ -107,7 +121,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, metric: str = "loss")
     _style(ax, metric, f"{metric}: {shown} run" + ("s" if shown > 1 else ""))
     for label in missing:
         print(f"note: {label} has no '{metric}'; left out", file=sys.stderr)
-    return _save(fig, canvas, Path(out))
+    return _save(fig, canvas, out, **rules)
 
 
 def _figure(panels: int) -> tuple[Any, Any]:
@@ -149,9 +163,24 @@ def _labels(runs: list[Path]) -> list[str]:
         depth += 1
 
 
-def _save(fig: Any, canvas: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    canvas.print_png(str(tmp))
-    tmp.replace(path)
-    return path
+SOFTWARE = "lrft plot"  # the PNG's Software text: how a later plot knows the file is its own
+
+
+def written_by_lrft(path: Path) -> bool:
+    """A PNG lrft drew (its tEXt chunk, within the first bytes, names :data:`SOFTWARE`)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and SOFTWARE.encode() in head
+
+
+def _save(fig: Any, canvas: Any, path: Path, **rules: Any) -> Path:
+    """The PNG written aside and renamed into place (:func:`lrft.run.atomic.publish_file`)."""
+    rules = rules or dict(overwrite=True, flag="--overwrite")  # a run's own loss.png
+
+    def draw(tmp: Path) -> None:
+        canvas.print_png(str(tmp), metadata={"Software": SOFTWARE})
+
+    return publish_file(path, draw, **rules)

@@ -103,6 +103,17 @@ def agree_on_checkpoint(accelerator: Any, run_dir: Path, candidates: list[Path])
     return steps[max(common)] if common else None
 
 
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (a collective with several)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * accelerator.num_processes
+    dist.all_gather_object(everyone, bool(flag))
+    return any(everyone)
+
+
 # --- the launch: is this process the run it looks like? -------------------------------------------
 
 _LAUNCH_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -251,8 +251,12 @@ def find_checkpoint(run_dir: Path, resume: str, accelerator: Any = None) -> Path
     done = complete_checkpoints(run_dir)
     for unmarked in sorted(set((run_dir / "checkpoints").glob("step-*")) - set(done)):
         warnings.warn(
-            f"ignoring checkpoint {unmarked}: it has no completion mark (stopped while saving)", stacklevel=2
+            f"removing unfinished checkpoint {unmarked}: it has no completion mark (the process "
+            "stopped while saving it)",
+            stacklevel=2,
         )
+        shutil.rmtree(unmarked, ignore_errors=True)  # lrft's own half-write, like .tmp-* above
+    unusable: list[tuple[Path, str]] = []
     intact = []
     for ckpt in reversed(done):
         problem = _intact(ckpt)
@@ -261,12 +265,35 @@ def find_checkpoint(run_dir: Path, resume: str, accelerator: Any = None) -> Path
             if not many:
                 break  # the newest intact one is the answer
         else:
+            unusable.append((ckpt, problem))
             warnings.warn(f"skipping checkpoint {ckpt}: {problem}; trying an older one", stacklevel=2)
-    if not many:
-        return intact[0] if intact else None
-    from lrft.run.topology import agree_on_checkpoint
+    if many:
+        from lrft.run.topology import agree_on_checkpoint, any_process
 
-    return agree_on_checkpoint(accelerator, run_dir, intact)
+        found = agree_on_checkpoint(accelerator, run_dir, intact)
+        if found is None and any_process(accelerator, bool(unusable)):  # every rank refuses alike
+            _none_usable(run_dir, unusable)
+        return found
+    if not intact and unusable:
+        _none_usable(run_dir, unusable)
+    return intact[0] if intact else None
+
+
+def _none_usable(run_dir: Path, unusable: list[tuple[Path, str]]) -> None:
+    """Checkpoints exist but none can be resumed from: starting over silently would throw away the
+    steps they held and mix two histories in metrics.jsonl, so the user decides (issue 24, 9)."""
+    import shlex
+
+    from lrft.run.folder import saved_overrides
+
+    listing = "\n  ".join(f"{p.name}: {why}" for p, why in sorted(unusable)) or "(on another process)"
+    keep = [o for o in saved_overrides(run_dir) or [] if not o.lstrip("+").startswith("trainer.resume=")]
+    again = shlex.join(["lrft", "train", *keep, "trainer.overwrite=true"])
+    raise UserError(
+        f"trainer.resume=auto: no checkpoint in {run_dir} can be resumed from:\n  {listing}\n"
+        "Nothing was changed. Restore a checkpoint from a copy and resume again, or start the run "
+        f"over from step 0 (this removes the files lrft wrote there):\n  {again}"
+    )
 
 
 def restore_trainable(ckpt: Path, cfg: DictConfig, method: Method, model: nn.Module) -> None:

@@ -169,9 +169,12 @@ def _resume(live: Live) -> None:
     """Optimizer, scheduler, position and RNG from the checkpoint (its weights: in setup)."""
     s, state, t = live.s, live.state, live.cfg.trainer
     if s.resume_from is None:
-        if t.resume:
+        if t.resume:  # stopped before its first checkpoint: its records are about to be redone
+            if live.acc.is_main_process:
+                truncate_metrics(live.logger.file, -1)
             live.progress.note(
-                f"trainer.resume={t.resume}: no checkpoint in {live.run_dir}, starting from scratch"
+                f"trainer.resume={t.resume}: {live.run_dir} has no checkpoint yet, so the run starts "
+                "over from step 0 (its earlier metrics records removed)"
             )
         return
     state.pos, rng = load_checkpoint(s.resume_from, live.acc, s.optimizer, s.scheduler)

@@ -61,8 +61,8 @@ class TrainProgress:
         self.progress.update(self.task, completed=step, **stats)
 
     def note(self, text: str) -> None:
-        if self.enabled:
-            self.progress.console.print(text)
+        """Printed with or without the bar: notes say what the run did (resumed, started over)."""
+        self.progress.console.print(text)
 
     def summary(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
