@@ -4,7 +4,7 @@ test_output_lock.py)."""
 import pytest
 
 from lrft.cli.main import main
-from lrft.config.compose import compose
+from lrft.config.compose import compose, config_dir
 from lrft.config.validate import validate
 from lrft.errors import UserError
 
@@ -140,3 +140,177 @@ def test_finding_9_resume_before_any_checkpoint_starts_a_clean_history(tmp_path,
     assert main(["train", f"output_dir={out}", "trainer.resume=auto"]) == 0
     assert steps_logged(out) == history  # not the old records followed by the new ones
     assert "starts over from step 0" in " ".join(capsys.readouterr().err.split())
+
+
+def user_configs(root):
+    """A user's config folder: an option of lrft's method group, and a whole run config."""
+    (root / "method").mkdir(parents=True)
+    lora = (config_dir() / "method" / "lora.yaml").read_text()
+    (root / "method" / "mygood.yaml").write_text(lora.replace("r: 8", "r: 4"))
+    (root / "myrun.yaml").write_text(
+        "defaults:\n  - train\n  - override method: lora\n  - _self_\n"
+        "trainer:\n  max_steps: 2\n  save_every: 1\n  progress: false\n"
+    )
+    return root
+
+
+def test_finding_4_user_config_groups_and_run_configs_train_and_resume(tmp_path, capsys):
+    import json
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    yc = user_configs(tmp_path / "yc")
+    a = tmp_path / "a"
+    assert main(["train", "--config-dir", str(yc), *TINY, "method=mygood", f"output_dir={a}"]) == 0
+    assert OmegaConf.load(a / "config.yaml").method.r == 4  # the user's option, not refused
+    b = tmp_path / "b"
+    assert main(["train", "--config-dir", str(yc), "--config-name", "myrun", "model=tiny_llama",
+                 "dataset=quickstart", f"output_dir={b}"]) == 0  # fmt: skip
+    info = json.loads((b / "run_info.json").read_text())
+    assert (info["config_dir"], info["config_name"]) == (str(yc.resolve()), "myrun")
+    assert info["command"].startswith("lrft train --config-dir")  # finding 10: with `train`
+    run = OmegaConf.load(b / "config.yaml")
+    assert (run.method.name, run.trainer.max_steps) == ("lora", 2)
+    # stopped after step 1: the printed resume command, without flags, composes myrun again
+    (b / "summary.json").unlink()
+    shutil.rmtree(b / "final")
+    shutil.rmtree(b / "checkpoints" / "step-00000002", ignore_errors=True)
+    capsys.readouterr()
+    assert main(["train", f"output_dir={b}", "trainer.resume=auto"]) == 0
+    assert "resumed from" in capsys.readouterr().err and (b / "summary.json").is_file()
+    # the next command in this process composes from lrft's own configs again
+    assert compose(TINY).method.name == "lora_fa"
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "says"),
+    [
+        ({"method/bad.yaml": "r: [4\n"}, ["method=bad"], "YAML syntax error in {yc}/method/bad.yaml, line 2"),
+        (
+            {"method/typo.yaml": "defaults:\n  - /schema/method/lora@_here_\n  - _self_\nrr: 4\n"},
+            ["method=typo"],
+            "Unknown config key 'method.rr' in the config file method/typo.yaml. Did you mean: r",
+        ),
+        (
+            {"typorun.yaml": "defaults:\n  - train\n  - _self_\ntrainer:\n  max_stepz: 3\n"},
+            ["--config-name", "typorun"],
+            "'trainer.max_stepz' in the config file typorun.yaml. Did you mean: max_steps",
+        ),
+        ({}, ["--config-name", "nosuch"], "--config-name nosuch: no nosuch.yaml in {yc}"),
+    ],
+)
+def test_finding_6_user_config_mistakes_are_messages(tmp_path, capsys, files, args, says):
+    yc = tmp_path / "yc"
+    for name, text in files.items():
+        (yc / name).parent.mkdir(parents=True, exist_ok=True)
+        (yc / name).write_text(text)
+    yc.mkdir(exist_ok=True)
+    out = tmp_path / "run"
+    assert main(["train", "--config-dir", str(yc), *args, *TINY, f"output_dir={out}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert says.format(yc=yc.resolve()) in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_finding_6_fsdp2_without_a_launcher_is_a_message(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "trainer.sharding=fsdp2", f"output_dir={out}"]) == 2
+    assert "this run has one" in " ".join(capsys.readouterr().err.split()) and not out.exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "/proc/lrft-run"])
+def test_finding_6_unwritable_outputs_are_messages(small_run, tmp_path, capsys, where):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    target = blocker / "out" if where == "under_a_file" else where
+    says = f"{blocker} is a file, not a folder" if where == "under_a_file" else "cannot be created"
+    for argv in (
+        ["train", *TINY, f"output_dir={target}"],
+        ["merge", f"checkpoint={small_run}", f"output={target}"],
+        ["export", f"checkpoint={small_run}", f"output={target}"],
+    ):
+        assert main(argv) == 2, argv
+        assert says in " ".join(capsys.readouterr().err.split()), argv
+
+
+@pytest.mark.parametrize("damage", ["config", "base"])
+def test_finding_6_a_damaged_run_folder_is_a_message(small_run, tmp_path, capsys, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    if damage == "config":
+        (run / "config.yaml").write_text("model: [\n")
+        says = "config.yaml: while parsing"
+    else:
+        weights = run / "base" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        says = f"Cannot read the weights in {run / 'base'}"
+    for argv in (
+        ["eval", f"checkpoint={run}"],
+        ["merge", f"checkpoint={run}", f"output={tmp_path / 'merged'}"],
+        ["export", f"checkpoint={run}", f"output={tmp_path / 'exported'}"],
+        ["generate", f"checkpoint={run}", "prompt=hi", "max_new_tokens=2"],
+    ):
+        assert main(argv) == 2, argv
+        assert says in " ".join(capsys.readouterr().err.split()), argv
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "exported").exists()
+
+
+def test_finding_10_checkpoint_that_is_a_file_says_so(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["eval", f"checkpoint={tmp_path / 'notes.txt'}"]) == 2
+    assert "is a file: give the run folder" in capsys.readouterr().err
+
+
+def test_finding_5_disk_full_at_the_final_write_keeps_the_run_resumable(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import lrft.run.final
+    import lrft.train.checkpoint
+
+    ref = tmp_path / "ref"
+    args = [*TINY, "trainer.max_steps=4", "trainer.save_every=3", "trainer.log_every=1"]
+    assert main(["train", *args, f"output_dir={ref}"]) == 0
+    want = (ref / "final" / "trainable.safetensors").read_bytes()
+
+    # 1. too little space, known before writing: nothing written, the newest checkpoint named
+    real = lrft.train.checkpoint.free_bytes
+    out = tmp_path / "full"
+
+    def full_at_the_end(path):  # the step-3 checkpoint finds a roomy disk, the final write a full one
+        return 4096 if (out / "checkpoints" / "step-00000003").is_dir() else real(path)
+
+    monkeypatch.setattr(lrft.train.checkpoint, "free_bytes", full_at_the_end)
+    assert main(["train", *args, f"output_dir={out}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Not enough disk space for the final state" in err and "step-00000003, is intact" in err
+    assert "retrains steps 4-4" in err and "trainer.resume=auto" in err
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+    monkeypatch.setattr(lrft.train.checkpoint, "free_bytes", real)
+
+    # 2. the disk fills while final/ is written: the same message, no half-written final state
+    def enospc(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(lrft.run.final, "save_state", enospc)
+        assert main(["train", f"output_dir={out}", "trainer.resume=auto"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Writing the final state" in err and "No space left on device" in err and "Traceback" not in err
+    assert not (out / "final").exists() and (out / "checkpoints" / "step-00000003").is_dir()
+
+    # 3. with space again, the printed command finishes the run to the uninterrupted run's bits
+    assert main(["train", f"output_dir={out}", "trainer.resume=auto"]) == 0
+    assert (out / "final" / "trainable.safetensors").read_bytes() == want
+
+
+def test_finding_5_disk_full_before_the_base_weights_is_a_message(tmp_path, monkeypatch, capsys):
+    import lrft.train.checkpoint
+
+    monkeypatch.setattr(lrft.train.checkpoint, "free_bytes", lambda path: 4096)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, f"output_dir={out}"]) == 2
+    assert "Not enough disk space for the base weights" in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()  # nothing was trained: the folder goes

@@ -168,15 +168,13 @@ def test_disk_full_stops_before_writing_and_loses_nothing(tmp_path, monkeypatch,
     ref_losses, ref_state = lora_fa_ref
     import lrft.train.checkpoint
 
-    calls = {"n": 0}
     real = lrft.train.checkpoint.free_bytes
+    out = tmp_path / "full"
 
-    def full_after_first(path):
-        calls["n"] += 1
-        return real(path) if calls["n"] == 1 else 1024
+    def full_after_first(path):  # the base weights and checkpoint 3 fit; then the disk is full
+        return 1024 if (out / "checkpoints" / "step-00000003").is_dir() else real(path)
 
     monkeypatch.setattr(lrft.train.checkpoint, "free_bytes", full_after_first)
-    out = tmp_path / "full"
     with pytest.raises(UserError, match="Not enough disk space for checkpoint step 6"):
         train(compose(overrides(tmp_path, "lora_fa", out)), out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]

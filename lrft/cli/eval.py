@@ -176,8 +176,11 @@ def as_eval_config(cfg: DictConfig) -> DictConfig:
 def read_run_config(run_dir: str) -> DictConfig:
     """A run's config.yaml, after checking that the run finished (before any model loads)."""
     from lrft.run.final import COMPLETE
+    from lrft.run.final import read_run_config as read_config
 
     path = Path(run_dir).expanduser()
+    if path.is_file():  # issue 24, finding 10
+        raise UserError(f"checkpoint={run_dir} is a file: give the run folder (it holds config.yaml).")
     if not path.is_dir():
         raise UserError(f"checkpoint={run_dir}: no such run folder.")
     if not (path / "config.yaml").is_file():
@@ -187,7 +190,7 @@ def read_run_config(run_dir: str) -> DictConfig:
             f"{path} has no complete final state ({path / 'final'} missing or unfinished): "
             "the run has not finished. Evaluate a finished run."
         )
-    return OmegaConf.load(path / "config.yaml")
+    return read_config(path)
 
 
 def apply_keys(group: str, base: DictConfig | None, keys: list[tuple[str, Any, str]]) -> DictConfig:

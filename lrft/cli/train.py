@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from itertools import islice, product
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from lrft.cli.help import print_train_help, print_versions
+from lrft.config import source
 from lrft.errors import EXIT_USAGE, Interrupted, UserError
 
 console = Console(stderr=True)
@@ -46,8 +49,6 @@ def train_cmd(argv: list[str]) -> int:
         quick_check(argv)  # the common typos answer before Hydra is even imported
     from hydra._internal.utils import get_args_parser
 
-    from lrft.config.compose import compose
-
     args = get_args_parser().parse_intermixed_args(argv)
     if args.help:
         print_train_help()
@@ -56,10 +57,20 @@ def train_cmd(argv: list[str]) -> int:
         combos = expand_sweeps(args.overrides) if args.multirun else [args.overrides]
     except Exception as err:  # the override grammar's own errors
         raise UserError(f"Cannot parse the overrides {args.overrides}: {err}") from None
-    flags = list(argv)
-    for override in args.overrides:
-        flags.remove(override)
+    flags = _without_source_flags([a for a in argv if a not in args.overrides])
     overrides = list(args.overrides)
+    config = source.from_flags(args.config_dir, args.config_name, args.config_path)
+    config = config if config.user_dir or config.name != "train" else _saved_source(overrides)
+    source.use(replace(config, command=list(argv)))
+    try:
+        return _launch(args, flags, overrides, combos)
+    finally:
+        source.use(source.Source())  # the next command in this process composes afresh
+
+
+def _launch(args: Any, flags: list[str], overrides: list[str], combos: list[list[str]]) -> int:
+    from lrft.config.compose import compose
+
     inspecting = args.cfg or args.info or args.shell_completion
     if args.multirun or inspecting:  # sweeps write fresh multirun/ folders (locked by each job)
         for combo in combos:  # fail before any work, with did-you-mean, instead of mid-sweep
@@ -79,6 +90,35 @@ def train_cmd(argv: list[str]) -> int:
         return _run_hydra(_info_flag(flags), prepared)
     finally:
         unlock(overrides)  # the run is over: release output_dir (and tidy it if nothing was written)
+
+
+SOURCE_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
+
+
+def _without_source_flags(flags: list[str]) -> list[str]:
+    """Hydra's flags minus the config source's: lrft passes the source itself (searchpath and
+    ``--config-name``, :func:`_run_hydra`), the same way for a new run and for a resume."""
+    out, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in SOURCE_FLAGS:
+            skip = True  # its value follows
+        elif not flag.startswith(tuple(f + "=" for f in SOURCE_FLAGS)):
+            out.append(flag)
+    return out
+
+
+def _saved_source(overrides: list[str]) -> source.Source:
+    """A resume without flags composes from the source the run recorded (``--config-dir``...)."""
+    from pathlib import Path
+
+    from lrft.run.folder import _is_off, _override_value
+
+    out = _override_value(overrides, "output_dir")
+    if out is None or _is_off(_override_value(overrides, "trainer.resume")):
+        return source.Source()
+    return source.saved(Path(out).expanduser().resolve()) or source.Source()
 
 
 def _say(text: str) -> None:
@@ -134,6 +174,7 @@ def _run_hydra(flags: list[str], overrides: list[str]) -> int:
     saved = sys.argv
     # flags first: Hydra's parser wants the overrides in one contiguous run
     extra = [searchpath_override(), *_distributed_overrides(overrides)]
+    flags = [*flags, *source.current().flags()]  # the run's config source, new or resumed
     sys.argv = ["lrft train", *flags, *normalize_overrides(overrides), *extra]
     try:
         task()

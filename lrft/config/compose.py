@@ -9,12 +9,15 @@ valid spellings; :func:`validate` checks values and cross-group combinations.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lrft.config import source
 from lrft.config.validate import validate
 from lrft.errors import UserError, did_you_mean
 from lrft.model.resolve import checkpoint_name
@@ -37,6 +40,29 @@ def _repo_configs() -> Path:
 def searchpath_override() -> str:
     """Put recipes/ on Hydra's search path: its overlays become the ``recipes`` group."""
     return f"hydra.searchpath=[file://{recipes_dir().parent}]"
+
+
+@contextmanager
+def hydra_configs() -> Iterator[None]:
+    """Hydra initialised on lrft's ``configs/`` and, behind them, the user's ``--config-dir``
+    (:mod:`lrft.config.source`), where a ``--config-name`` finds its file as ``lrft train`` does."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    version.setbase("1.3")
+    search = create_config_search_path(search_path_dir=str(config_dir()))
+    user = source.current().user_dir
+    if user:
+        search.append("lrft-user", f"file://{user}", anchor=SearchPathQuery(provider="main"))
+    Hydra.create_main_hydra2(task_name="app", config_search_path=search)
+    try:
+        yield
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
@@ -84,32 +110,31 @@ def run_stamp() -> str:
 def group_options(group: str) -> list[str]:
     """Options of a config group, read from the config folder (nested ones as ``glue/cola``)."""
     root = recipes_dir() if group == "recipes" else config_dir() / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    own = {str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")}
+    return sorted(own | set(source.user_options(group)))
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
     """Compose the real configs with Hydra overrides, as ``lrft train`` does, and validate.
 
     Raises :class:`UserError` with the closest valid names for unknown groups, options or keys.
+    ``train`` means the run's primary config: a user's ``--config-name`` (:mod:`lrft.config.source`).
     """
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
 
     overrides = list(overrides or [])
+    primary = config_name == "train"
+    config_name = source.current().name if primary else config_name
     check_overrides(overrides)  # group options; unknown keys are caught by Hydra's struct mode below
     register_schemas()
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        with hydra_configs():
             cfg = hydra_compose(
                 config_name, overrides=[*normalize_overrides(overrides), searchpath_override()]
             )
     except Exception as err:  # Hydra/OmegaConf composition errors -> one clear message
         raise UserError(explain_compose_error(err, overrides, config_name)) from None
-    finally:
-        GlobalHydra.instance().clear()
-    if config_name == "train":
+    if primary:
         validate(cfg)
     elif config_name == "memory":  # train's groups: model=hf's task and targets come from the checkpoint
         from lrft.model.resolve import resolve_model_config
@@ -214,6 +239,14 @@ def explain_compose_error(err: Exception, overrides: list[str], config_name: str
     text = str(err)
     cause = err.__cause__ or err.__context__
     full = f"{text}\n{cause}" if cause else text
+    in_file = _IN_FILE_RE.search(full)
+    syntax = _yaml_error(err)
+    if syntax:
+        return syntax
+    if in_file:  # a key a config file (a user's, under --config-dir) sets that its schema lacks
+        dotted, schema = in_file.group(2), in_file.group(3)
+        hint = did_you_mean(dotted.rpartition(".")[2], _fields_of(schema))
+        return f"Unknown config key '{dotted}' in the config file {in_file.group(1)}.yaml.{hint}"
     key_match = _OVERRIDE_RE.search(full)
     bad = _KEY_RE.search(full)
     if key_match or bad:
@@ -223,23 +256,58 @@ def explain_compose_error(err: Exception, overrides: list[str], config_name: str
         hint = did_you_mean(leaf, valid) if valid else ""
         return f"Unknown config key '{dotted}'.{hint}"
     detail = str(cause).split("\n")[0] if cause else ""
-    return f"Invalid configuration: {text.strip().splitlines()[0]}" + (f" ({detail})" if detail else "")
+    first = (text.strip().splitlines() or [type(err).__name__])[0]
+    return f"Invalid configuration: {first}" + (f" ({detail})" if detail else "")
+
+
+_IN_FILE_RE = re.compile(r"In '([^']+)': ConfigKeyError.*?full_key: (\S+).*?object_type=(\w+)", re.S)
+
+
+def _yaml_error(err: BaseException | None) -> str | None:
+    """A YAML syntax error anywhere in the chain, with its file and line."""
+    import yaml
+
+    while err is not None:
+        if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+            mark = err.problem_mark
+            return (
+                f"YAML syntax error in {mark.name}, line {mark.line + 1}: {err.problem}"
+                + (f" ({err.context})" if err.context else "")
+                + "."
+            )
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _fields_of(type_name: str) -> list[str]:
+    """The keys of the schema dataclass named ``type_name`` (a group's, a method's, a nested one)."""
+    from dataclasses import fields, is_dataclass
+
+    from lrft.methods.registry import METHODS
+
+    todo: list[Any] = [TrainConfig, TrainerConfig, *GROUP_SCHEMAS.values()]
+    todo += [m.config for m in METHODS.values()]
+    seen = set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen or not is_dataclass(cls):
+            continue
+        seen.add(cls)
+        if cls.__name__ == type_name:
+            return [f.name for f in fields(cls)]
+        todo += [f.default_factory for f in fields(cls) if callable(f.default_factory)]
+    return []
 
 
 def _keys_of(parent: str, overrides: list[str], config_name: str) -> list[str]:
     """The keys that exist under ``parent`` once the group choices among ``overrides`` apply."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
 
     groups_only = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        with hydra_configs():
             cfg = hydra_compose(config_name, overrides=[*groups_only, searchpath_override()])
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return list(node.keys()) if isinstance(node, DictConfig) else []
     except Exception:
         return []
-    finally:
-        GlobalHydra.instance().clear()

@@ -98,12 +98,12 @@ def load_for_eval(cfg: DictConfig) -> tuple[nn.Module, Any]:
 
     d = cfg.dataset
     if cfg.checkpoint:
-        from lrft.run.final import load_run
+        from lrft.run.final import load_run, read_run_config
 
         if cfg.model.task == "classification":  # before loading: the run's head is its dataset's
             from lrft.data import num_labels
 
-            run_cfg = OmegaConf.load(Path(cfg.checkpoint).expanduser() / "config.yaml")
+            run_cfg = read_run_config(cfg.checkpoint)
             _check_head(num_labels(run_cfg.dataset), d.subset)
         run = load_run(Path(cfg.checkpoint).expanduser())
         model, tokenizer = run.model, run.tokenizer

@@ -30,6 +30,7 @@ from lrft.methods.base import Method
 from lrft.model.dtypes import TORCH_DTYPES
 from lrft.model.quantization import dense_weight, is_quantized
 from lrft.model.resolve import prequantized_checkpoint
+from lrft.run.final import read_run_config
 from lrft.run.lock import writing
 from lrft.run.output import (
     check_free_space,
@@ -88,7 +89,7 @@ def merge_run(checkpoint: str | Path, output: str | Path, opts: MergeOptions | N
     opts = opts or MergeOptions()
     _check_options(opts)
     run_dir, output = resolve_run(checkpoint), Path(output).resolve()
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = read_run_config(run_dir)
     refuse_overlap(output, run_dir, cfg.model.name_or_path)
     refuse_inside_run(output, "merge")
     # one lrft writer per output (lrft.run.lock), then: a non-empty output is refused (unless lrft

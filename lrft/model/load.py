@@ -183,6 +183,13 @@ def load_model(mcfg: Any, num_labels: int | None = None, qcfg: Any = None) -> nn
                 f"Cannot load model '{mcfg.name_or_path}': {err}\n"
                 "Offline? Point model.name_or_path at a local folder, or use a tiny_* model."
             ) from None
+        except Exception as err:  # a damaged local weights file (safetensors' own error types)
+            if not (looks_like_path(where) and "safetensor" in type(err).__module__.lower() + str(err)):
+                raise
+            raise UserError(
+                f"Cannot read the weights in {where}: {err}. The folder is damaged (a truncated or "
+                "partly copied file): copy it again, or retrain if it is a run's base/."
+            ) from None
         if quantized:
             from lrft.model.quantization import finish_pretrained
 

@@ -80,13 +80,13 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     from lrft.methods.base import ApplyContext
     from lrft.model.load import load_model
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser().resolve()  # base/ must read as a folder, not a hub id
     final = run_dir / "final"
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not an lrft run folder (no config.yaml).")
     if not (final / COMPLETE).is_file():
         raise UserError(f"{run_dir} has no complete final state ({final} missing or unfinished).")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = read_run_config(run_dir)
     method = get_method(cfg.method.name)(_method_config(cfg))
     model_cfg = cfg.model.copy()
     if method.full_weights:
@@ -103,6 +103,23 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         method.load_trainable(model, load_state(final / TRAINABLE))
     model.eval()
     return LoadedRun(cfg, model, tokenizer, method)
+
+
+def read_run_config(run_dir: str | Path) -> DictConfig:
+    """``RUN/config.yaml``, or a :class:`UserError` that says the folder is damaged and where the
+    same settings are still recorded (a hand edit or a partial copy breaks the YAML)."""
+    path = Path(run_dir).expanduser() / "config.yaml"
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax, encoding, or permission errors
+        detail = " ".join(str(err).split())
+        raise UserError(
+            f"Cannot read {path}: {detail}. The run folder is damaged; its launch overrides are in "
+            f"{path.parent / 'run_info.json'}: restore config.yaml from a copy, or retrain."
+        ) from None
+    if not isinstance(cfg, DictConfig) or "model" not in cfg or "method" not in cfg:
+        raise UserError(f"{path} is not an lrft run config (no model or method section).")
+    return cfg
 
 
 def _method_config(cfg: DictConfig) -> Any:

@@ -81,7 +81,7 @@ def acquire(run_dir: str | Path, any_rank: bool = False) -> bool:
     except Held as held:
         raise Held(folder, held.owner) from None
     except OSError as err:
-        raise UserError(f"output_dir={folder} cannot be created or locked: {err.strerror}.") from None
+        raise UserError(f"output_dir={folder} cannot be created or locked: {why(folder, err)}.") from None
     _held[folder] = fd
     return True
 
@@ -108,6 +108,15 @@ def _lock_path(path: Path, command: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(_owner(command)) + "\n").encode(), 0)
     return fd
+
+
+def why(path: Path, err: OSError) -> str:
+    """What stops ``path`` being made, in the user's terms (a parent that is a file says
+    "File exists" or "Not a directory" otherwise)."""
+    for parent in path.parents:
+        if parent.exists():
+            return f"{parent} is a file, not a folder" if not parent.is_dir() else str(err.strerror or err)
+    return str(err.strerror or err)
 
 
 def release(run_dir: str | Path) -> None:
@@ -142,7 +151,7 @@ def writing(output: Path, command: str) -> Iterator[None]:
     except Held as held:
         raise Held(output, held.owner, what=f"output {output}") from None
     except OSError as err:
-        raise UserError(f"output {output} cannot be created or locked: {err.strerror}.") from None
+        raise UserError(f"output {output} cannot be created or locked: {why(output, err)}.") from None
     try:
         yield
     finally:

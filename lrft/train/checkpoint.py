@@ -128,7 +128,8 @@ def save_checkpoint(
 
         optim_state = local_optimizer_state(optim_state)
     if writer:
-        need = 3 * _state_bytes(trainable) + _state_bytes(optim_state) * (2 if per_rank else 1) + (16 << 20)
+        need = 3 * _state_bytes(trainable) + _state_bytes(optim_state) * (2 if per_rank else 1)
+        need += int(need * 0.05) + (1 << 20)  # headers and the small files: not a fixed 16 MiB
         final.parent.mkdir(parents=True, exist_ok=True)
         have = free_bytes(final.parent)
         if have < need:
@@ -282,13 +283,13 @@ def find_checkpoint(run_dir: Path, resume: str, accelerator: Any = None) -> Path
 def _none_usable(run_dir: Path, unusable: list[tuple[Path, str]]) -> None:
     """Checkpoints exist but none can be resumed from: starting over silently would throw away the
     steps they held and mix two histories in metrics.jsonl, so the user decides (issue 24, 9)."""
-    import shlex
-
+    from lrft.config import source
     from lrft.run.folder import saved_overrides
 
     listing = "\n  ".join(f"{p.name}: {why}" for p, why in sorted(unusable)) or "(on another process)"
     keep = [o for o in saved_overrides(run_dir) or [] if not o.lstrip("+").startswith("trainer.resume=")]
-    again = shlex.join(["lrft", "train", *keep, "trainer.overwrite=true"])
+    composed = source.saved(run_dir) or source.Source()  # its --config-dir / --config-name too
+    again = composed.command_line([*keep, "trainer.overwrite=true"])
     raise UserError(
         f"trainer.resume=auto: no checkpoint in {run_dir} can be resumed from:\n  {listing}\n"
         "Nothing was changed. Restore a checkpoint from a copy and resume again, or start the run "

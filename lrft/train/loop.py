@@ -32,6 +32,7 @@ from lrft.run.topology import topology
 from lrft.train import faults
 from lrft.train.callbacks import Logger, evaluate_in_loop, save
 from lrft.train.checkpoint import Position, gather_trainable, load_checkpoint, restore_rng, truncate_metrics
+from lrft.train.disk import final_write
 from lrft.train.engine import make_engine
 from lrft.train.guards import UntrainedWatch
 from lrft.train.policy import StepPolicy
@@ -255,10 +256,10 @@ def _finish(live: Live) -> dict[str, Any]:
     with unsharded(model):  # FSDP2: whole layers for the exports (a collective)
         if acc.is_main_process:
             write_loss_plot(run_dir)
-            save_final(run_dir, s.method, model, s.tokenizer, live.cfg, final_state)
-            # after final/ is committed: a failed export must not cost the trained state
-            write_peft_adapter(model, s.method, live.cfg, run_dir / "adapter")
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            with final_write(run_dir, final_state, state.pos.step):  # a full disk: how to finish
+                save_final(run_dir, s.method, model, s.tokenizer, live.cfg, final_state)
+                write_peft_adapter(model, s.method, live.cfg, run_dir / "adapter")
+                (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             live.progress.summary(summary)
     acc.end_training()
     return summary

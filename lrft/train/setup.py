@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-import sys
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lrft.config import source
 from lrft.data import Collator, num_labels
 from lrft.data.packing import MASK_STYLES, PackedCollator, pack_examples
 from lrft.data.pipeline import prepare_split
@@ -37,6 +38,7 @@ from lrft.optim import build_optimizer
 from lrft.run.topology import Topology
 from lrft.train import materialize, sharding
 from lrft.train.checkpoint import find_checkpoint, restore_trainable
+from lrft.train.disk import base_write
 from lrft.train.engine import Engine
 from lrft.train.state import EpochSampler
 
@@ -61,9 +63,12 @@ def write_run_files(
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    composed = source.current()
     info = {
-        "command": " ".join(["lrft", *sys.argv[1:]]) if sys.argv else None,
+        "command": shlex.join(["lrft", "train", *composed.command]) if composed.command else None,
         "overrides": overrides,
+        "config_dir": composed.user_dir,  # with config_name: what a resume composes from again
+        "config_name": composed.name,
         "versions": versions,
         "python": platform.python_version(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -247,8 +252,9 @@ def _load_and_apply(
     model = load_model(cfg.model, num_labels(cfg.dataset), qcfg=None if random_init else cfg.quantization)
     if random_init:
         if accelerator.is_main_process:  # the base exists nowhere else: keep it in full precision
-            model.save_pretrained(run_dir / "base")  # (to reload and merge the run)
-            tokenizer.save_pretrained(run_dir / "base")
+            with base_write(run_dir, model):  # (to reload and merge the run)
+                model.save_pretrained(run_dir / "base")
+                tokenizer.save_pretrained(run_dir / "base")
         model = quantize(model, cfg.model, cfg.quantization)
     if not cfg.model.device_map and not engine.sharded:
         # on the device BEFORE the method: data-aware inits (PiSSA's SVD, LoRA-GA's gradient

@@ -83,6 +83,12 @@ def refuse(mode: str, cfg: Any, accelerator: Any) -> None:
             "fp16 with trainer.sharding=fsdp2: each process would see only its shard's overflow and "
             "ranks could disagree on skipping a step. Use trainer.mixed_precision=bf16 (or no)."
         )
+    if accelerator.num_processes < 2:  # issue 24, finding 6: was a torch.distributed traceback
+        raise UserError(
+            "trainer.sharding=fsdp2 splits the model over several processes, and this run has one. "
+            "Launch it with one process per device, e.g. torchrun --nproc_per_node 2 -m lrft train "
+            "... (docs/distributed.md), or drop trainer.sharding to train in one process."
+        )
 
 
 def shard(model: nn.Module, accelerator: Any) -> nn.Module:
