@@ -259,9 +259,16 @@ def test_finding_6_a_damaged_run_folder_is_a_message(small_run, tmp_path, capsys
 
 
 def test_finding_10_checkpoint_that_is_a_file_says_so(tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("x")
-    assert main(["eval", f"checkpoint={tmp_path / 'notes.txt'}"]) == 2
-    assert "is a file: give the run folder" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    for argv in (
+        ["eval", f"checkpoint={notes}"],
+        ["merge", f"checkpoint={notes}", f"output={tmp_path / 'm'}"],
+        ["export", f"checkpoint={notes}", f"output={tmp_path / 'e'}"],
+        ["generate", f"checkpoint={notes}", "prompt=hi"],
+    ):
+        assert main(argv) == 2, argv
+        assert "is a file: give the run folder" in capsys.readouterr().err, argv
 
 
 def test_finding_5_disk_full_at_the_final_write_keeps_the_run_resumable(tmp_path, monkeypatch, capsys):
@@ -314,3 +321,75 @@ def test_finding_5_disk_full_before_the_base_weights_is_a_message(tmp_path, monk
     assert main(["train", *TINY, f"output_dir={out}"]) == 2
     assert "Not enough disk space for the base weights" in " ".join(capsys.readouterr().err.split())
     assert not out.exists()  # nothing was trained: the folder goes
+
+
+def test_finding_10_a_run_on_a_nearly_full_disk_and_its_files(tmp_path, monkeypatch):
+    """The free-space margin scales with what is written (a 0.3 MiB checkpoint fits in 5 MiB, which
+    the old fixed 16 MiB margin refused); weight files get the umask's mode like every other file
+    (safetensors writes 0600); a finished run keeps no error.txt of an earlier failed attempt."""
+    import os
+
+    import lrft.train.checkpoint
+
+    monkeypatch.setattr(lrft.train.checkpoint, "free_bytes", lambda path: 5 << 20)
+    out = tmp_path / "run"
+    unfinished_run(out)  # trains 4 steps with checkpoints at 2 and 4 on the "5 MiB" disk
+    (out / "error.txt").write_text("an earlier attempt failed after step 2\n")
+    assert main(["train", f"output_dir={out}", "trainer.resume=auto"]) == 0
+    assert (out / "summary.json").is_file() and not (out / "error.txt").exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    weights = [*out.rglob("*.safetensors")]
+    assert {p.parent.name for p in weights} >= {"base", "final", "adapter", "step-00000002"}
+    assert {oct(p.stat().st_mode & 0o777) for p in weights} == {oct(0o666 & ~mask)}
+
+
+def test_finding_10_data_messages(tmp_path):
+    import json
+
+    from lrft.data.files import read_rows
+    from lrft.data.instruction import check_instruction_row
+    from lrft.data.load import _check
+
+    _, col, problem = check_instruction_row({"instruction": "a", "output": None})
+    assert (col, problem) == ("output", "column 'output' has no value (null, or a short line)")
+    assert check_instruction_row({"instruction": "a"})[2] == "missing column 'output'"
+    listed = tmp_path / "rows.jsonl"  # one JSON list saved as .jsonl: read as the list it is
+    listed.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]))
+    assert [n for n, _ in read_rows(str(listed))] == [1, 2]
+    bad = {"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    with pytest.raises(UserError) as err:
+        _check(1, bad, "chat.jsonl", None, kind="chat")
+    assert "Valid: assistant, system, user. Expected columns" in str(err.value)
+
+
+def test_finding_10_lrft_warnings_are_one_plain_line(capsys):
+    import warnings
+
+    from lrft.cli import quiet
+    from lrft.cli.quiet import setup
+
+    saved, raw = warnings.showwarning, quiet._raw_show
+    try:
+        setup(verbose=False)
+        warnings.showwarning("skipping checkpoint step-3", UserWarning, "/x/lrft/train/setup.py", 126)
+        assert capsys.readouterr().err == "warning: skipping checkpoint step-3\n"
+        seen = []
+        quiet._raw_show = lambda *args: seen.append(args[:4])  # the usual form, for other packages
+        warnings.showwarning("theirs", UserWarning, "/x/site-packages/pkg/mod.py", 9)
+        assert seen == [("theirs", UserWarning, "/x/site-packages/pkg/mod.py", 9)]
+        assert capsys.readouterr().err == ""
+    finally:
+        warnings.showwarning, quiet._raw_show = saved, raw
+
+
+def test_finding_10_no_third_party_warning_on_a_plain_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    argv = [sys.executable, "-m", "lrft", "train", *TINY, f"output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "WARNING" not in proc.stdout + proc.stderr and "Warning:" not in proc.stdout + proc.stderr

@@ -42,9 +42,24 @@ def setup(verbose: bool) -> None:
         os.environ.setdefault(key, value)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.showwarning = _show_warning
     # deprecation notices from dependencies are for their callers' authors, not for users
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module=r"bitsandbytes(\.|$)")
     warnings.filterwarnings("ignore", message=r".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", message=r".*torch_dtype.*is deprecated.*")
+
+
+_raw_show = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+    """lrft's own warnings as one ``warning: ...`` line, not ``file.py:139: UserWarning:`` with a
+    source line: they are written for users. Other packages' warnings keep their usual form."""
+    if issubclass(category, UserWarning) and f"{os.sep}lrft{os.sep}" in str(filename):
+        import sys
+
+        print(f"warning: {message}", file=file or sys.stderr)
+        return
+    _raw_show(message, category, filename, lineno, file, line)

@@ -79,6 +79,8 @@ def _first_char(p: Path) -> str:
 
 
 def _read_jsonl(p: Path) -> Iterator[Row]:
+    if _first_char(p) == "[":  # one JSON list saved as .jsonl: its rows are just as clear
+        return _read_json(p)
     return _parse_lines(p, "each line must be one JSON object")
 
 

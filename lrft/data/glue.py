@@ -157,8 +157,10 @@ def check_glue_row(record: Any, spec: TaskSpec) -> tuple[dict[str, Any] | None, 
         return None, None, f"expected an object with columns, got {type(record).__name__}"
     row: dict[str, Any] = {}
     for col in spec.text_fields:
-        if col not in record or record[col] is None:
+        if col not in record:
             return None, col, f"missing column '{col}'"
+        if record[col] is None:  # issue 24, finding 10: present, but without a value
+            return None, col, f"column '{col}' has no value (null, or a short line)"
         if not isinstance(record[col], str):
             return None, col, f"column '{col}' must be text, got {type(record[col]).__name__}"
         row[col] = record[col]

@@ -46,8 +46,10 @@ def check_instruction_row(record: Any) -> tuple[dict[str, str] | None, str | Non
         return None, None, f"expected an object with columns, got {type(record).__name__}"
     row: dict[str, str] = {}
     for col in REQUIRED:
-        if col not in record or record[col] is None:
+        if col not in record:
             return None, col, f"missing column '{col}'"
+        if record[col] is None:  # issue 24, finding 10: present, but without a value
+            return None, col, f"column '{col}' has no value (null, or a short line)"
         if not isinstance(record[col], str):
             return None, col, f"column '{col}' must be a string, got {type(record[col]).__name__}"
         row[col] = record[col]

@@ -117,7 +117,8 @@ def _check(number: int, record: Any, source: str, spec: Any, kind: str = "instru
     if row is None:
         what = f"{spec.name} data" if spec else f"{kind} data"
         raise UserError(
-            f"{source}, row {number}: {problem}. Expected columns for {what}: {expected_columns(spec, kind)}."
+            f"{source}, row {number}: {problem.rstrip('.')}. "
+            f"Expected columns for {what}: {expected_columns(spec, kind)}."
         )
     return row
 

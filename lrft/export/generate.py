@@ -224,8 +224,10 @@ def _from_run(cfg: GenerateConfig) -> tuple[nn.Module, Any, str, str | None]:
     from lrft.run.final import load_run
     from lrft.run.output import resolve_run
 
-    if not Path(cfg.checkpoint).expanduser().is_dir():
-        raise UserError(f"checkpoint={cfg.checkpoint}: folder not found.")
+    where = Path(cfg.checkpoint).expanduser()
+    if not where.is_dir():
+        what = "is a file: give the run folder" if where.is_file() else "folder not found"
+        raise UserError(f"checkpoint={cfg.checkpoint}: {what}.")
     run = load_run(resolve_run(Path(cfg.checkpoint).expanduser()))
     if run.cfg.model.task != "causal":
         raise UserError(

@@ -46,6 +46,20 @@ def fsync_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
+def normal_modes(folder: Path) -> None:
+    """Give every file the mode the user's umask gives new files (0644 under umask 022).
+
+    safetensors writes its files 0600: teammates on a shared filesystem could read a run's
+    config and metrics but not its weights (issue 24, finding 10)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
+            with suppress(OSError):  # not ours to change: leave it
+                os.chmod(f, mode)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -92,6 +106,7 @@ class StagedDir:
         if self.seal is not None:
             self.seal(self.path)
         text = self.mark_text(self.path) if callable(self.mark_text) else self.mark_text
+        normal_modes(self.path)
         fsync_tree(self.path)
         old = self.final.with_name(f".tmp-{self.final.name}.old-{os.getpid()}")
         if self.final.exists():

@@ -67,7 +67,9 @@ def shard_progress() -> Iterator[None]:
 
 def resolve_run(checkpoint: str | Path) -> Path:
     """The run folder for ``checkpoint`` (RUN_DIR or RUN_DIR/final), checked to be finished."""
-    run_dir = Path(checkpoint).resolve()
+    run_dir = Path(checkpoint).expanduser().resolve()
+    if run_dir.is_file():
+        raise UserError(f"checkpoint={checkpoint} is a file: give the run folder (it holds config.yaml).")
     if run_dir.name == "final" and (run_dir.parent / "config.yaml").is_file():
         run_dir = run_dir.parent
     if not (run_dir / "config.yaml").is_file():

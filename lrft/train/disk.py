@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lrft.errors import UserError
+from lrft.run.atomic import normal_modes
 from lrft.train import checkpoint
 
 
@@ -47,6 +48,7 @@ def base_write(run_dir: Path, model: nn.Module) -> Iterator[None]:
         raise UserError(f"{short} {after}")
     try:
         yield
+        normal_modes(run_dir / "base")  # readable like the rest of the run folder
     except OSError as err:
         shutil.rmtree(run_dir / "base", ignore_errors=True)
         raise UserError(f"Writing {run_dir / 'base'} failed: {err.strerror or err}. {after}") from None
@@ -55,8 +57,9 @@ def base_write(run_dir: Path, model: nn.Module) -> Iterator[None]:
 @contextmanager
 def final_write(run_dir: Path, state: dict[str, torch.Tensor], step: int) -> Iterator[None]:
     """Around writing ``final/``, ``adapter/`` and ``summary.json`` after step ``step``."""
-    # the final state and the PEFT adapter each hold the trainable tensors; tokenizer files beside
-    need = 2 * checkpoint._state_bytes(state) + (16 << 20)
+    # the final state and the PEFT adapter each hold the trainable tensors; the tokenizer's files
+    # beside them are not known before they are written (a full disk there is caught below)
+    need = 2 * checkpoint._state_bytes(state) + (2 << 20)
     short = _short("the final state", run_dir, need)
     if short:
         raise UserError(f"{short} Nothing was written. {resume_hint(run_dir, step)}")

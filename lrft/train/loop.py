@@ -260,6 +260,7 @@ def _finish(live: Live) -> dict[str, Any]:
                 save_final(run_dir, s.method, model, s.tokenizer, live.cfg, final_state)
                 write_peft_adapter(model, s.method, live.cfg, run_dir / "adapter")
                 (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier attempt's: now moot
             live.progress.summary(summary)
     acc.end_training()
     return summary
