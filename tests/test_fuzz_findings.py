@@ -1,5 +1,10 @@
-"""Issue 24's fuzzing pass: one regression test per finding fixed here (findings 1-2: test_run_lock.py,
-test_output_lock.py)."""
+"""Issue 24's fuzzing pass: regression tests named after the finding they reproduce.
+
+Findings 1 (a live run folder has no owner) and 2 (merge/export outputs) are in test_run_lock.py and
+test_output_lock.py; 3 (generate/plot outputs), 4 (user configs and their resume), 5 (disk full at
+the base or final write), 6 (tracebacks where a message belongs), 7 (nonsense values), 8 (a failed
+attempt blocks its retry), 9 (resume with every checkpoint corrupt) and 10 (polish) are here.
+"""
 
 import pytest
 
