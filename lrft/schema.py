@@ -12,7 +12,13 @@ from omegaconf import MISSING
 
 TASKS = ("causal", "classification", "seq2seq")
 OPTIMIZERS = ("adamw", "sgd", "adamw8bit", "galore_adamw", "galore_adamw8bit")
-DATASET_KINDS = ("glue", "instruction", "chat", "mmlu")  # mmlu: evaluation only (not in COMPATIBLE)
+DATASET_KINDS = (
+    "glue",
+    "instruction",
+    "chat",
+    "mmlu",
+    "preference",
+)  # mmlu: evaluation only (not in COMPATIBLE)
 # which (model task, dataset kind) pairs make sense, and how
 COMPATIBLE = {
     ("classification", "glue"): "classification head on the GLUE label",
@@ -20,6 +26,7 @@ COMPATIBLE = {
     ("seq2seq", "instruction"): "text-to-text: the response is the target",
     ("causal", "instruction"): "causal LM, loss on the response tokens only",
     ("causal", "chat"): "causal LM on the model's chat template, loss on the assistant turns only",
+    ("causal", "preference"): "causal LM on (prompt, chosen, rejected) pairs with a preference objective",
 }
 
 
@@ -175,6 +182,7 @@ class BudgetConfig:
 class TrainConfig:
     model: ModelConfig = MISSING
     method: Any = MISSING  # the method's own schema (see lrft.methods.registry)
+    objective: Any = MISSING  # sft, or a preference objective (lrft.objectives.schemas)
     quantization: QuantizationConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -189,7 +197,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "dataset": DatasetConfig,
 }
-GROUPS = ("model", "method", "quantization", "optimizer", "dataset")
+GROUPS = ("model", "method", "quantization", "optimizer", "dataset", "objective")
 
 
 # Every enumeration a config value is checked against, defined here once; the runtime modules

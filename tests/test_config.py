@@ -55,6 +55,10 @@ def test_every_option_composes(group, option):
     if group == "dataset":
         kind = "glue" if option.startswith("glue/") else "chat" if option == "chat" else "instruction"
         overrides.append(f"model={MODEL_FOR[kind]}")
+    if (group, option) == ("dataset", "preference") or (group == "objective" and option != "sft"):
+        # pairs and a preference objective come together (either alone is refused: test_preference.py)
+        overrides += ["model=tiny_llama", "dataset=preference", "dataset.data_files.train=p.jsonl"]
+        overrides += [] if group == "objective" else ["objective=dpo"]
     cfg = compose(overrides)
     assert cfg[group].name
     assert cfg.output_dir

@@ -97,6 +97,10 @@ def register_schemas() -> None:
         cs.store(group=f"schema/{group}", name="base", node=schema)
     for name, spec in METHODS.items():
         cs.store(group="schema/method", name=name, node=spec.config)
+    from lrft.objectives.schemas import OBJECTIVES
+
+    for name, objective in OBJECTIVES.items():
+        cs.store(group="schema/objective", name=name, node=objective.config)
 
 
 def run_stamp() -> str:

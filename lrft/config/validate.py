@@ -90,6 +90,7 @@ def validate(cfg: DictConfig) -> None:
             "trainer.loss_chunk must be auto (positions per chunk sized to the vocabulary), an int "
             f">= 1 (positions per chunk of logits) or 0 (the full logits), got {chunk!r}."
         )
+    check_objective(cfg)
     check_memory_keys(t, cfg.get("memory"))
     if t.max_steps == 0 or t.max_steps < -1:
         raise UserError(
@@ -180,3 +181,46 @@ def check_memory_keys(t: Any, memory: Any) -> None:
     budget = memory.get("budget_gb") if memory is not None else None
     if budget is not None and budget <= 0:
         raise UserError(f"memory.budget_gb must be > 0 (GiB per device), got {budget}.")
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """A preference objective trains on preference pairs, and pairs need one (torch-free)."""
+    from lrft.objectives.schemas import OBJECTIVES
+
+    o, d, t = cfg.get("objective"), cfg.dataset, cfg.trainer
+    name = "sft" if o is None else o.name
+    one_of("objective.name", name, tuple(OBJECTIVES))
+    paired = OBJECTIVES[name].paired
+    if paired and d.kind != "preference":
+        raise UserError(
+            f"objective={name} learns from preference pairs, and dataset '{d.name}' is {d.kind} data. "
+            "Use dataset=preference with a file of prompt/chosen/rejected rows, or objective=sft."
+        )
+    if not paired and d.kind == "preference":
+        raise UserError(
+            "dataset=preference holds (prompt, chosen, rejected) pairs: train it with a preference "
+            "objective: objective=dpo, ipo, orpo or simpo."
+        )
+    if not paired:
+        return
+    if o.beta <= 0:
+        raise UserError(f"objective.beta must be > 0, got {o.beta}.")
+    if d.get("packing"):
+        raise UserError(
+            "dataset.packing=true with a preference objective: a pair's chosen and rejected rows are "
+            "scored as whole sequences (not packed yet). Set dataset.packing=false; "
+            "trainer.group_by_length=true also cuts padding."
+        )
+    if d.get("streaming") or d.get("mix"):
+        raise UserError("preference data is read from files (dataset.data_files), not streamed or mixed yet.")
+    if t.get("sharding", "none") != "none":
+        raise UserError(
+            "trainer.sharding=fsdp2 with a preference objective is not supported yet (its lockstep "
+            "evaluation pads with label-free batches that would count as pairs): train with plain "
+            "data parallel."
+        )
+    if t.get("memory_plan", "none") != "none":
+        raise UserError(
+            "trainer.memory_plan=auto does not count a preference step's 2 rows per pair and its "
+            "reference forward yet: set trainer.batch_size and trainer.grad_accum by hand."
+        )

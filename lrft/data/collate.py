@@ -20,6 +20,9 @@ class Collator:
     are padded with 0. ``labels`` are padded with -100 for causal/seq2seq, and for classification
     become a long tensor (float for a regression task such as STS-B).
 
+    Preference pairs (``rejected_input_ids``, :mod:`lrft.data.preference`) become 2B rows: the B
+    chosen sequences, then the B rejected ones in the same order.
+
     Every key of the returned dict goes straight into ``model(**batch)``, except ``dropout_ids``
     (examples that carry a ``dropout_id``: the loop pops it to key the dropout masks) and ``refs``: with
     ``with_refs=True`` (used by the evaluator) a batch of text-to-text GLUE examples also holds
@@ -42,6 +45,9 @@ class Collator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
+        if "rejected_input_ids" in examples[0]:  # preference pairs: B chosen rows, then B rejected
+            examples = [*examples, *({**ex, "input_ids": ex["rejected_input_ids"],
+                                      "labels": ex["rejected_labels"]} for ex in examples)]  # fmt: skip
         batch: dict[str, Any] = {}
         ids = [ex["input_ids"] for ex in examples]
         batch["input_ids"] = _pad(ids, self.pad_id)

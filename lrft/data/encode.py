@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from lrft.data.glue import TaskSpec, get_task, label_word, seq2seq_source
-from lrft.data.instruction import build_prompt
+from lrft.data.instruction import build_prompt, fit
 from lrft.errors import UserError
 from lrft.schema import COMPATIBLE
 
@@ -32,6 +32,10 @@ def encode_rows(rows: list[dict[str, Any]], dcfg: Any, task: str, tokenizer: Any
         from lrft.data.chat import encode_chat
 
         return encode_chat(rows, dcfg, tokenizer, max_length)
+    if dcfg.kind == "preference":
+        from lrft.data.preference import encode_preference
+
+        return encode_preference(rows, dcfg, tokenizer, max_length)
     out: list[dict[str, Any]] = []
     for chunk in _chunks(rows):
         if dcfg.kind == "glue":
@@ -119,18 +123,3 @@ def _causal(prompts: list[str], outputs: list[str], tokenizer: Any, max_length: 
             }
         )
     return examples
-
-
-def fit(prompt: list[int], response: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """Shorten prompt + response to ``budget`` tokens, keeping some response to learn from.
-
-    Plain right truncation would leave examples with long prompts with no response at all (no
-    loss, NaN for a batch of them). So the response keeps at least a quarter of the budget, and the
-    prompt loses its start rather than its end ("### Response:" is what cues the answer).
-    """
-    if len(prompt) + len(response) <= budget:
-        return prompt, response
-    keep_response = min(len(response), max(1, budget // 4))
-    keep_prompt = min(len(prompt), budget - keep_response)
-    prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt > 0 else []
-    return prompt, response[: budget - keep_prompt]

@@ -58,3 +58,18 @@ def check_instruction_row(record: Any) -> tuple[dict[str, str] | None, str | Non
         return None, "input", f"column 'input' must be a string, got {type(inp).__name__}"
     row["input"] = inp or ""
     return row, None, ""
+
+
+def fit(prompt: list[int], response: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Shorten prompt + response to ``budget`` tokens, keeping some response to learn from.
+
+    Plain right truncation would leave examples with long prompts with no response at all (no
+    loss, NaN for a batch of them). So the response keeps at least a quarter of the budget, and the
+    prompt loses its start rather than its end ("### Response:" is what cues the answer).
+    """
+    if len(prompt) + len(response) <= budget:
+        return prompt, response
+    keep_response = min(len(response), max(1, budget // 4))
+    keep_prompt = min(len(prompt), budget - keep_response)
+    prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt > 0 else []
+    return prompt, response[: budget - keep_prompt]

@@ -13,13 +13,16 @@ from lrft.errors import UserError
 SPLITS = ("train", "eval")
 
 
+TRAIN_KINDS = ("glue", "instruction", "chat", "preference")
+
+
 def num_labels(dcfg: Any) -> int | None:
     """Classification head size: None for instruction data, 1 for STS-B (regression)."""
-    if dcfg.kind in ("instruction", "chat"):
+    if dcfg.kind in ("instruction", "chat", "preference"):
         return None
     if dcfg.kind == "glue":
         return get_task(dcfg.subset).num_labels
-    raise UserError(f"dataset.kind={dcfg.kind!r} is not valid. Valid: glue, instruction, chat.")
+    raise UserError(f"dataset.kind={dcfg.kind!r} is not valid. Valid: {', '.join(TRAIN_KINDS)}.")
 
 
 def load_rows(dcfg: Any, split: str) -> list[dict[str, Any]]:
@@ -36,8 +39,8 @@ def load_rows(dcfg: Any, split: str) -> list[dict[str, Any]]:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if dcfg.kind not in ("glue", "instruction", "chat"):
-        raise UserError(f"dataset.kind={dcfg.kind!r} is not valid. Valid: glue, instruction, chat.")
+    if dcfg.kind not in TRAIN_KINDS:
+        raise UserError(f"dataset.kind={dcfg.kind!r} is not valid. Valid: {', '.join(TRAIN_KINDS)}.")
     spec = get_task(dcfg.subset) if dcfg.kind == "glue" else None
     local = dcfg.data_files.train if split == "train" else dcfg.data_files.validation
     limit = dcfg.max_train_samples if split == "train" else dcfg.max_eval_samples
@@ -95,6 +98,10 @@ def _say(text: str) -> None:
 
 
 def expected_columns(spec: Any, kind: str = "instruction") -> str:
+    if kind == "preference":
+        from lrft.data.preference import EXPECTED
+
+        return EXPECTED
     if kind == "chat":
         return (
             "messages: [{role: system|user|assistant, content: text}, ...] (or ShareGPT conversations), "
@@ -106,8 +113,13 @@ def expected_columns(spec: Any, kind: str = "instruction") -> str:
 
 
 def _check(number: int, record: Any, source: str, spec: Any, kind: str = "instruction") -> dict[str, Any]:
-    if kind == "chat":
-        row, _column, problem = check_chat_row(record)
+    if kind in ("chat", "preference"):
+        if kind == "chat":
+            row, _column, problem = check_chat_row(record)
+        else:
+            from lrft.data.preference import check_preference_row
+
+            row, _column, problem = check_preference_row(record)
         if row is not None:
             row["_where"] = f"{source}, row {number}"
     elif spec is None:

@@ -35,6 +35,7 @@ def evaluate_model(
     on_batch: OnBatch = None,
     accelerator: Any = None,
     lockstep: bool = False,
+    objective: Any = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``examples`` (from :func:`encode_for_eval`), always with ``n``.
 
@@ -46,6 +47,7 @@ def evaluate_model(
       metrics, ``truncated`` prompts and the reference answer's mean log-likelihood.
     - seq2seq / causal on instruction data: token-weighted mean ``loss`` on the response tokens
       and its ``perplexity``.
+    - preference pairs: the ``objective``'s loss and TRL's ``rewards/*``, ``logps/*`` per pair.
 
     ``on_batch(examples_done)`` is called after each batch (``lrft eval``'s progress bar).
     With ``accelerator`` (several processes), each process scores every W-th batch and the tallies
@@ -78,6 +80,12 @@ def evaluate_model(
                         result = classification(model, batches, spec, shard.merge)
                     else:
                         result = generate_labels(model, tokenizer, batches, spec, shard.merge)
+                elif dcfg.kind == "preference":  # the run's objective on held-out pairs
+                    from lrft.evaluate.preference import preference_metrics
+                    from lrft.objectives import get_objective
+
+                    scorer = get_objective({"objective": objective})
+                    result = preference_metrics(model, batches, scorer, shard.merge)
                 else:
                     result = token_loss(model, batches, task, shard.merge)
     finally:

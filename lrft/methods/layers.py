@@ -29,6 +29,8 @@ methods are choices on this one layer: an init that moves the base (PiSSA, LoRA-
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -155,10 +157,26 @@ class LowRankLinear(nn.Module):
         # set by offset_base: W_original = W_base + s·B₀A₀ (r(k + d) numbers, the adapter's own size)
         self.register_buffer("lora_A0", None)
         self.register_buffer("lora_B0", None)
+        # set by adapters_off: the layer computes its ORIGINAL output (a preference objective's
+        # reference model, without a copy of the model)
+        self.reference = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reference:
+            return self.original(x)
         out = self.base_layer(x)
         return out + self.adapter(x, out.dtype)
+
+    def original(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer before any training: x W_originalᵀ + b. With an offset base (PiSSA, LoRA-GA)
+        that is x W_baseᵀ + s · x A₀ᵀ B₀ᵀ: no (d, k) weight is rebuilt."""
+        out = self.base_layer(x)
+        if not self.is_offset:
+            return out
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xa = x.to(dtype) @ self.lora_A0.to(dtype).t()
+            return out + ((xa @ self.lora_B0.to(dtype).t()) * self.scale).to(out.dtype)
 
     def adapter(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """s · dropout(x) Aᵀ Bᵀ in ``dtype``, through :class:`LowRankFn`."""
@@ -283,6 +301,8 @@ class DoraLinear(LowRankLinear):
         self.reset_magnitude()  # ‖W_res + s·B₀A₀‖_c = ‖W‖_c: the output is still the base's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reference:  # W_original: m and the direction are the training's, not the reference's
+            return self.original(x)
         out = self.base_layer(x)
         bias = self.base_layer.bias
         pre = out if bias is None else out - bias
@@ -324,3 +344,18 @@ def key_layers(model: nn.Module) -> int:
     for name, layer in layers:
         layer.dropout_key = layer_key(name)
     return len(layers)
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[int]:
+    """Every low-rank layer of ``model`` computes its original output inside the block: the
+    model as it was before training (DPO's reference π_ref), at no memory cost. Yields how many
+    layers were switched; restores them on exit."""
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    for layer in layers:
+        layer.reference = True
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.reference = False

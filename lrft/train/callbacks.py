@@ -36,6 +36,7 @@ class Logger:
         dev = self.acc.device
         # loss sum, loss tokens, real tokens, padded positions
         self.window = torch.zeros(4, dtype=torch.float64, device=dev)
+        self.extra: dict[str, torch.Tensor] = {}  # a preference objective's metric sums (per pair)
         self.tick = time.perf_counter()
         self.paused_s = 0.0
 
@@ -57,6 +58,8 @@ class Logger:
 
     def add(self, res: StepResult) -> None:
         self.window += torch.stack([res.loss_sum, res.count, res.real_tokens, res.padded_tokens]).double()
+        for key, value in (res.metrics or {}).items():
+            self.extra[key] = self.extra.get(key, 0) + value.double()
 
     def write(self, record: dict[str, Any]) -> None:
         if self.main:
@@ -67,8 +70,10 @@ class Logger:
 
     def flush(self, state: TrainState, lr: float, scale: float | None) -> None:
         """The token-weighted train loss since the last flush, over every rank."""
-        stats = self.acc.reduce(self.window.clone(), "sum") if self.acc.num_processes > 1 else self.window
-        loss_sum, count, real, padded = stats.tolist()
+        keys = sorted(self.extra)
+        stats = torch.cat([self.window, *(self.extra[k].reshape(1) for k in keys)])
+        stats = self.acc.reduce(stats, "sum") if self.acc.num_processes > 1 else stats
+        loss_sum, count, real, padded, *extra = stats.tolist()
         elapsed = max(time.perf_counter() - self.tick - self.paused_s, 1e-9)
         self.total_real, self.total_padded = self.total_real + real, self.total_padded + padded
         self.total_seconds += elapsed
@@ -82,6 +87,7 @@ class Logger:
             "tokens_per_s": real / elapsed,
             "padding": 1 - real / padded if padded else 0.0,
         }
+        record.update({k: v / count for k, v in zip(keys, extra, strict=True) if count})  # per pair
         if state.skipped:
             record["skipped_steps"] = state.skipped
         if scale is not None:
@@ -106,7 +112,7 @@ def evaluate_in_loop(
         # split across processes and merged: every rank gets the whole set's metrics
         return evaluate_model(
             unwrapped, tokenizer, examples, cfg.dataset, cfg.model.task, bs, accelerator.device,
-            accelerator=accelerator,
+            accelerator=accelerator, objective=cfg.get("objective"),
         )  # fmt: skip
     # FSDP2: every forward is a collective, so every rank must run as many as the others. A token
     # loss (instruction data) is split in lockstep (label-free filler batches even the count out);
@@ -116,7 +122,7 @@ def evaluate_in_loop(
     with accelerator.autocast():
         return evaluate_model(
             unwrapped, tokenizer, examples, cfg.dataset, cfg.model.task, bs, accelerator.device,
-            accelerator=accelerator if split else None, lockstep=split,
+            accelerator=accelerator if split else None, lockstep=split, objective=cfg.get("objective"),
         )  # fmt: skip
 
 

@@ -199,6 +199,7 @@ def _steps(live: Live) -> None:
         res = forward_backward(
             acc, s.model, window, live.cfg.model.task, decoder_inputs=decoder_inputs,
             autocast=policy.autocast, step=state.pos.step, loss_chunk=t.loss_chunk, seed=t.seed,
+            objective=s.objective,
         )  # fmt: skip
         policy.update(s.model, s.optimizer, s.scheduler, res, state)
         logger.add(res)

@@ -34,6 +34,7 @@ from lrft.methods.layers import key_layers, use_dropout_kernel
 from lrft.model.activations import blocks, checkpoint_blocks, offload_blocks, resolve_count
 from lrft.model.load import count_parameters, load_model, load_tokenizer, quantize
 from lrft.model.meta import build_meta_model
+from lrft.objectives import get_objective
 from lrft.optim import build_optimizer
 from lrft.run.topology import Topology
 from lrft.train import materialize, sharding
@@ -103,6 +104,7 @@ class Setup:
     total_params: int
     resume_from: Path | None
     sharded: bool  # FSDP2: the model lrft sharded itself (not prepared by accelerate)
+    objective: Any = None  # a preference objective (lrft.objectives), None for sft
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any, total: int) -> Any:
@@ -129,6 +131,11 @@ def setup(cfg: DictConfig, run_dir: Path, engine: Engine) -> Setup:
 
     model, handover, full_state = _build_model(cfg, run_dir, engine, tokenizer, train_ex, method, resume_from)
     _for_training(model, t)
+    objective = get_objective(cfg)
+    if objective is not None and objective.reference:  # before any sharding: whole modules
+        from lrft.objectives.preference import check_reference
+
+        check_reference(model)
     n_train, n_total = count_parameters(model)  # before sharding: whole counts
     if engine.sharded:  # before compile and before the optimizer, which must hold the sharded parameters
         model = sharding.shard(model, acc)
@@ -155,6 +162,7 @@ def setup(cfg: DictConfig, run_dir: Path, engine: Engine) -> Setup:
     return Setup(
         model, method, tokenizer, optimizer, scheduler, loader, sampler, eval_ex,
         total, steps_per_epoch, t.grad_accum, n_train, n_total, resume_from, engine.sharded,
+        objective,
     )  # fmt: skip
 
 

@@ -39,6 +39,8 @@ class StepResult:
     real_tokens: torch.Tensor  # this rank's non-pad input tokens (throughput)
     padded_tokens: torch.Tensor  # this rank's input positions, pad included
     bad: torch.Tensor  # this rank saw a non-finite loss (0./1.)
+    # a preference objective's metric sums over this rank's pairs (``count`` is its pair count)
+    metrics: dict[str, torch.Tensor] | None = None
 
 
 def forward_backward(
@@ -52,6 +54,7 @@ def forward_backward(
     step: int = 0,
     loss_chunk: int | str = DEFAULT_CHUNK,
     seed: int = 0,
+    objective: Any = None,
 ) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step (gradients accumulate).
 
@@ -60,6 +63,10 @@ def forward_backward(
     The dropout masks of a micro-batch are keyed by its examples' ids, ``step`` and ``seed``
     (:mod:`lrft.methods.dropout_keys`), for its forward and its backward.
     """
+    if objective is not None:
+        return _pairs_forward_backward(
+            accelerator, model, window, objective, autocast=autocast, step=step, seed=seed
+        )
     device = accelerator.device
     world = accelerator.num_processes
     count = torch.stack([loss_count(b, task) for b in window]).sum().to(device)
@@ -92,3 +99,51 @@ def forward_backward(
         p = next(p for p in model.parameters() if p.grad is not None)
         p.grad.view(-1)[0] = float("inf")
     return StepResult(acc, count, real, padded, bad)
+
+
+def _pairs_forward_backward(
+    accelerator: Any,
+    model: nn.Module,
+    window: list[dict[str, Any]],
+    objective: Any,
+    *,
+    autocast: Callable[[], AbstractContextManager],
+    step: int,
+    seed: int,
+) -> StepResult:
+    """:func:`forward_backward` for a preference objective (:mod:`lrft.objectives.preference`).
+
+    The objective returns K loss sums per micro-batch, each averaged over its own global count
+    (pairs; chosen tokens for ORPO's NLL): ``loss = Σ_k S_k / N_k`` with S_k and N_k over every
+    micro-batch of every rank, so the update is the same however the pairs are split. The logged
+    ``loss_sum`` is ``Σ_k s_k · N_0 / N_k`` over ``count = n_0`` (this rank's pairs): summed over
+    ranks and divided by the pairs it gives the step's loss."""
+    device = accelerator.device
+    world = accelerator.num_processes
+    counts = torch.stack([objective.counts(b) for b in window]).sum(0).to(device)
+    total = accelerator.reduce(counts.clone(), "sum") if world > 1 else counts
+    weights = total[0].float() / total.clamp(min=1).float()  # N_0 / N_k, for the logged loss
+    scale = world / total.clamp(min=1).float()
+    acc = torch.zeros((), dtype=torch.float32, device=device)
+    bad = torch.zeros((), dtype=torch.float32, device=device)
+    real = torch.zeros((), dtype=torch.long, device=device)
+    padded = torch.zeros((), dtype=torch.long, device=device)
+    metrics: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(window):
+        sync = nullcontext() if i == len(window) - 1 else no_sync(accelerator, model)
+        batch = dict(batch)
+        ids = batch.pop(ID_KEY, None)
+        with sync, keyed(ids, None, seed, step):
+            with autocast():
+                terms, got = objective.loss_terms(model, batch)
+            finite = torch.isfinite(terms).all()
+            bad = torch.maximum(bad, (~finite).float())
+            loss = (torch.where(torch.isfinite(terms), terms, torch.zeros_like(terms)) * scale).sum()
+            accelerator.backward(loss)
+        acc += (terms.detach() * weights).sum()
+        for key, value in got.items():
+            metrics[key] = metrics.get(key, 0) + value.detach().float()
+        tokens, _pad = batch_token_stats(batch)
+        real += tokens
+        padded += batch["input_ids"].numel()
+    return StepResult(acc, counts[0], real, padded, bad, metrics)

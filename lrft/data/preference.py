@@ -1,0 +1,145 @@
+"""Preference pairs, in TRL's two standard shapes, encoded for a causal LM.
+
+- standard: ``{"prompt": str, "chosen": str, "rejected": str}``; the completion follows the prompt
+  as plain text (BOS first, EOS after the completion, as instruction data);
+- conversational: ``{"prompt": [messages], "chosen": [assistant messages], "rejected": [...]}``,
+  rendered with the model's chat template (``dataset.chat_template`` for a tokenizer without one).
+
+An encoded example holds the chosen sequence (``input_ids``, ``labels``) and the rejected one
+(``rejected_input_ids``, ``rejected_labels``); labels are -100 on the prompt, so the loss and the
+log-probabilities count completion tokens only. The two stay one example, so they always land in
+the same micro-batch (:class:`~lrft.data.collate.Collator` stacks chosen rows, then rejected).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lrft.data.chat import ROLES, install_template, render
+from lrft.data.instruction import fit
+from lrft.errors import UserError
+
+IGNORE_INDEX = -100
+EXPECTED = (
+    "prompt, chosen, rejected: three strings (standard), or prompt a list of {role, content} messages "
+    "and chosen / rejected lists of assistant messages (conversational)"
+)
+
+
+def check_preference_row(record: Any) -> tuple[dict[str, Any] | None, str | None, str]:
+    """Normalise one record to ``{prompt, chosen, rejected}`` (strings, or message lists).
+
+    Returns (row, None, "") when valid, else (None, column, problem) for the caller to report with
+    the file and row number.
+    """
+    if not isinstance(record, dict):
+        return None, None, f"expected an object with prompt, chosen and rejected, got {type(record).__name__}"
+    for col in ("prompt", "chosen", "rejected"):
+        if col not in record:
+            return None, col, f"missing column '{col}'"
+        if record[col] is None:
+            return None, col, f"column '{col}' has no value (null, or a short line)"
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        for col in ("chosen", "rejected"):
+            if not isinstance(record[col], str):
+                got = type(record[col]).__name__
+                return None, col, f"column '{col}' must be text when the prompt is text, got {got}"
+        return {k: record[k] for k in ("prompt", "chosen", "rejected")}, None, ""
+    if not isinstance(prompt, list) or not prompt:
+        return (
+            None,
+            "prompt",
+            f"column 'prompt' must be text or a non-empty message list, got {type(prompt).__name__}",
+        )
+    for col in ("prompt", "chosen", "rejected"):
+        value = record[col]
+        if not isinstance(value, list) or not value:
+            return None, col, f"column '{col}' must be a non-empty message list when the prompt is one"
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                return None, col, f"{col}[{i}] needs a role ({', '.join(ROLES)}) and text content"
+            if col != "prompt" and m["role"] != "assistant":
+                return None, col, f"{col}[{i}] has role {m['role']!r}: completions are assistant messages"
+    return {k: record[k] for k in ("prompt", "chosen", "rejected")}, None, ""
+
+
+def encode_preference(
+    rows: list[dict[str, Any]], dcfg: Any, tokenizer: Any, max_length: int
+) -> list[dict[str, Any]]:
+    """Encode pairs; conversational rows install the resolved chat template on ``tokenizer``."""
+    if any(isinstance(r["prompt"], list) for r in rows):
+        install_template(tokenizer, getattr(dcfg, "chat_template", None))
+    out = []
+    for row in rows:
+        try:
+            if isinstance(row["prompt"], str):
+                chosen, rejected = _plain(tokenizer, row, max_length)
+            else:
+                chosen, rejected = _conversational(tokenizer, row, max_length)
+        except UserError as err:
+            where = row.get("_where")
+            raise UserError(f"{where}: {err}" if where else str(err)) from None
+        out.append(
+            {
+                "input_ids": chosen[0],
+                "labels": chosen[1],
+                "rejected_input_ids": rejected[0],
+                "rejected_labels": rejected[1],
+            }
+        )
+    return out
+
+
+Seq = tuple[list[int], list[int]]
+
+
+def _plain(tokenizer: Any, row: dict[str, Any], max_length: int) -> tuple[Seq, Seq]:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    prompt = list(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+    chosen = list(tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]) + tail
+    rejected = list(tokenizer(row["rejected"], add_special_tokens=False)["input_ids"]) + tail
+    budget = max_length - len(head)
+    # one prompt for both: cut as the longer completion needs it, then each completion to fit
+    prompt, _ = fit(prompt, max(chosen, rejected, key=len), budget)
+    room = budget - len(prompt)
+    return _seq(head + prompt, chosen[:room]), _seq(head + prompt, rejected[:room])
+
+
+def _seq(prompt: list[int], completion: list[int]) -> Seq:
+    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+
+
+def _conversational(tokenizer: Any, row: dict[str, Any], max_length: int) -> tuple[Seq, Seq]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("conversational preference data needs a fast tokenizer (character offsets).")
+    start = render(tokenizer, row["prompt"], generation_prompt=True)
+    pair = []
+    for col in ("chosen", "rejected"):
+        text = render(tokenizer, [*row["prompt"], *row[col]])
+        if not text.startswith(start):
+            raise UserError(
+                "the chat template does not render the prompt as a prefix of prompt + completion, so "
+                "the completion tokens cannot be located: use another template (dataset.chat_template)."
+            )
+        end = len(text.rstrip())  # whitespace after the end-of-turn token is never generated
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [
+            ids[k] if (e > len(start) and s < end) else IGNORE_INDEX
+            for k, (s, e) in enumerate(enc["offset_mapping"])
+        ]
+        pair.append(_cut(ids, labels, max_length))
+    return pair[0], pair[1]
+
+
+def _cut(ids: list[int], labels: list[int], max_length: int) -> Seq:
+    """Too long: the prompt loses its start (the completion keeps at least a quarter)."""
+    if len(ids) <= max_length:
+        return ids, labels
+    first = next((k for k, y in enumerate(labels) if y != IGNORE_INDEX), len(ids))
+    prompt, completion = fit(ids[:first], ids[first:], max_length)
+    keep = len(completion)
+    return prompt + completion, [IGNORE_INDEX] * len(prompt) + labels[first : first + keep]

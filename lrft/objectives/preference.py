@@ -1,0 +1,147 @@
+"""What every preference objective shares: sequence log-probabilities of the chosen and rejected
+completions, the reference model without a copy, and TRL's metric names.
+
+A micro-batch of B pairs is 2B rows (:class:`~lrft.data.collate.Collator`: chosen, then rejected).
+One forward gives, for each row, the summed log-probability of its completion tokens
+
+    log π(y|x) = Σ_{t ∈ completion} log softmax(z_t)[y_{t+1}]
+
+and its token count. Objectives that need a reference (DPO, IPO) get log π_ref from a second
+forward of the same rows under :func:`~lrft.methods.layers.adapters_off` and ``no_grad``: the
+low-rank layers compute their original output, so π_ref is the base model and no copy exists.
+
+Split invariance: an objective returns per-pair SUMS and says what each sum is averaged over
+(pairs, or chosen tokens for an NLL term); the step divides by the global counts of the whole
+optimizer step (:func:`lrft.train.step.forward_backward`), so the update does not depend on how
+the pairs were split over micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrft.methods.layers import adapters_off
+from lrft.model.loss import IGNORE_INDEX
+
+# the metrics a step logs (sums over pairs; the logger divides by the pair count), TRL's names
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+@dataclass
+class Logps:
+    """Per pair (B,): summed completion log-probs and completion token counts; ``ref_*`` are the
+    reference model's (None without a reference)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    n_chosen: torch.Tensor
+    n_rejected: torch.Tensor
+    chosen_nll: torch.Tensor  # Σ of the chosen tokens' negative log-likelihood (a scalar)
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    def average(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token average log-probs (ORPO, SimPO, IPO's margin)."""
+        return self.chosen / self.n_chosen.clamp(min=1), self.rejected / self.n_rejected.clamp(min=1)
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ log-probs of each row's label tokens, their count), float32, both (rows,)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    flat = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )  # fmt: skip
+    mask = labels != IGNORE_INDEX
+    return -(flat.view(labels.shape) * mask).sum(-1), mask.sum(-1)
+
+
+def check_reference(model: nn.Module) -> None:
+    """The reference is the model with its low-rank layers switched off: every trained parameter
+    must live in one, or π_ref would include training (full fine-tuning, GaLore, modules_to_save)."""
+    from lrft.errors import UserError
+    from lrft.methods.layers import LowRankLinear
+
+    inside = {id(p) for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        shown = ", ".join(outside[:4]) + (f", ... {len(outside) - 4} more" if len(outside) > 4 else "")
+        raise UserError(
+            f"this objective compares the model with its reference, the same model with its adapters "
+            f"switched off, but parameters outside the adapters train too ({shown}), so there is no "
+            "reference without a second copy of the model, which lrft does not make. Use a low-rank "
+            "method (lora_fa, lora, dora, pissa, lora_ga) without modules_to_save, or an objective "
+            "without a reference: objective=orpo or objective=simpo."
+        )
+
+
+class PairObjective:
+    """A preference loss on :class:`Logps`. Subclasses set ``reference`` and implement
+    :meth:`pair_terms`; the rest (forwards, counts, metrics) is shared."""
+
+    reference = False  # needs log π_ref (the adapters switched off)
+    averaged = False  # works on per-token average log-probs (logged as logps/*, as TRL does)
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.beta = float(cfg.beta)
+
+    # what each returned sum is averaged over: "pairs" or "chosen_tokens"
+    def denominators(self) -> tuple[str, ...]:
+        return ("pairs",)
+
+    def pair_terms(self, lp: Logps) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """([summed loss terms, one per denominator], chosen rewards (B,), rejected rewards (B,))."""
+        raise NotImplementedError
+
+    def counts(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The number of terms each loss sum of ``batch`` adds up (see :meth:`denominators`)."""
+        rows = batch["input_ids"].shape[0]
+        labels = batch["labels"][: rows // 2, 1:]
+        by = {
+            "pairs": torch.tensor(rows // 2, device=labels.device),
+            "chosen_tokens": (labels != IGNORE_INDEX).sum(),
+        }
+        return torch.stack([by[d] for d in self.denominators()])
+
+    def logps(self, model: nn.Module, batch: dict[str, Any]) -> Logps:
+        logps, counts = sequence_logps(model, batch)
+        half = logps.shape[0] // 2
+        lp = Logps(logps[:half], logps[half:], counts[:half], counts[half:], -logps[:half].sum())
+        if self.reference:
+            with torch.no_grad(), adapters_off(model):
+                ref, _ = sequence_logps(model, batch)
+            lp.ref_chosen, lp.ref_rejected = ref[:half], ref[half:]
+        return lp
+
+    def loss_terms(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the loss sums, one per denominator), and the metric sums over this batch's pairs."""
+        lp = self.logps(model, batch)
+        terms, chosen, rejected = self.pair_terms(lp)
+        chosen, rejected = chosen.detach(), rejected.detach()
+        shown_c, shown_r = lp.average() if self.averaged else (lp.chosen, lp.rejected)
+        metrics = {
+            "rewards/chosen": chosen.sum(),
+            "rewards/rejected": rejected.sum(),
+            "rewards/accuracies": (chosen > rejected).float().sum(),
+            "rewards/margins": (chosen - rejected).sum(),
+            "logps/chosen": shown_c.detach().sum(),
+            "logps/rejected": shown_r.detach().sum(),
+        }
+        return torch.stack([t.float() for t in terms]), metrics
