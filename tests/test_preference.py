@@ -175,6 +175,11 @@ def test_dpo_starts_at_log_2_and_learns_the_preference(tmp_path):
     last_eval = [r for r in records if "eval/rewards/accuracies" in r][-1]
     assert last_eval["eval/rewards/accuracies"] > 0.9 and last_eval["eval/rewards/margins"] > 0
     assert last_eval["eval/loss"] < 0.6 * math.log(2)
+    # lrft eval on the finished run scores the held-out pairs with the run's objective, the same
+    assert main(["eval", f"checkpoint={out}", "progress=false"]) == 0
+    got = json.loads((out / "eval.json").read_text())["results"]["validation"]["metrics"]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        assert got[key] == pytest.approx(last_eval[f"eval/{key}"], rel=1e-5), key
 
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])

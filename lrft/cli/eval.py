@@ -34,6 +34,7 @@ EVAL_COMPATIBLE = {
     ("seq2seq", "instruction"): "token loss and perplexity on the response",
     ("causal", "instruction"): "token loss and perplexity on the response",
     ("causal", "chat"): "token loss and perplexity on the assistant turns",
+    ("causal", "preference"): "a preference run's objective loss and rewards on held-out pairs",
     ("causal", "mmlu"): "k-shot, next-token likelihood of the answer letters",
 }
 _BY_HAND = {"model": ModelConfig, "dataset": DatasetConfig}

@@ -85,6 +85,13 @@ def evaluate_model(
                     from lrft.objectives import get_objective
 
                     scorer = get_objective({"objective": objective})
+                    if scorer is None:
+                        from lrft.errors import UserError
+
+                        raise UserError(
+                            "preference pairs are scored with a preference run's objective (its "
+                            "loss and rewards against its reference): give checkpoint=RUN_DIR."
+                        )
                     result = preference_metrics(model, batches, scorer, shard.merge)
                 else:
                     result = token_loss(model, batches, task, shard.merge)

@@ -46,6 +46,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
         splits = [(name, one, load_rows(one, which)) for name, one, which in resolve_splits(d, cfg, notes)]
     model, tokenizer = load_for_eval(cfg)
+    objective = None  # preference pairs are scored with the run's own objective (its loss, rewards)
+    if cfg.checkpoint:
+        from lrft.run.final import read_run_config
+
+        objective = read_run_config(cfg.checkpoint).get("objective")
     device = place(model, str(cfg.device))
     with _Progress(bool(cfg.progress)) as progress:
         if d.kind == "mmlu":
@@ -67,7 +72,15 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                 examples = encode_for_eval(rows, one, task, tokenizer)
                 progress.start(name, len(examples))
                 metrics = evaluate_model(
-                    model, tokenizer, examples, one, task, cfg.batch_size, device, progress.advance
+                    model,
+                    tokenizer,
+                    examples,
+                    one,
+                    task,
+                    cfg.batch_size,
+                    device,
+                    progress.advance,
+                    objective=objective,
                 )
                 results[name] = {"n": metrics.pop("n"), "metrics": metrics}
                 if metrics.get("truncated"):
