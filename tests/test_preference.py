@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from launch import torchrun
-from test_loop_invariants import SGD, final_state, max_diff, run
+from test_loop_invariants import ADAMW, SGD, final_state, max_diff, run
 
 from lrft.cli.main import main
 from lrft.config.compose import compose
@@ -182,14 +182,19 @@ def test_dpo_starts_at_log_2_and_learns_the_preference(tmp_path):
         assert got[key] == pytest.approx(last_eval[f"eval/{key}"], rel=1e-5), key
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
-def test_the_update_does_not_depend_on_the_split(tmp_path, objective):
+@pytest.mark.parametrize(
+    ("objective", "opt", "tol"),
+    # AdamW measured: dpo 2.6e-6, orpo 2.0e-7 (float32 rounding magnified by Adam's first steps)
+    [("dpo", SGD, 1e-6), ("orpo", SGD, 1e-6), ("dpo", ADAMW, 1e-5), ("orpo", ADAMW, 1e-5)],
+    ids=["dpo-sgd", "orpo-sgd", "dpo-adamw", "orpo-adamw"],
+)
+def test_the_update_does_not_depend_on_the_split(tmp_path, objective, opt, tol):
     """4 pairs per step as one batch, or 2 micro-batches of 2 (ORPO: a per-pair and a per-token
-    term, each averaged over the whole step); SGD, float32, with the shipped dropout."""
-    args = [*COMMON, *pairs(tmp_path), f"objective={objective}", *SGD, "trainer.max_steps=3"]
+    term, each averaged over the whole step); float32, with the shipped dropout."""
+    args = [*COMMON, *pairs(tmp_path), f"objective={objective}", *opt, "trainer.max_steps=3"]
     whole = run(tmp_path, "whole", [*args, "trainer.batch_size=4"])
     split = run(tmp_path, "split", [*args, "trainer.batch_size=2", "trainer.grad_accum=2"])
-    assert max_diff(whole, split) < 1e-6
+    assert max_diff(whole, split) < tol
     assert max(v.abs().max().item() for k, v in whole.items() if "lora_B" in k) > 1e-3
 
 
