@@ -156,3 +156,30 @@ def test_lone_train_file_holds_out_rows_deterministically(tmp_path, capsys):
     assert len(load_rows(dcfg(data_files={"train": str(path)}, eval_holdout=10), "eval")) == 10
     none = dcfg(data_files={"train": str(path)}, eval_holdout=0)
     assert load_rows(none, "eval") == [] and len(load_rows(none, "train")) == 60
+
+
+@pytest.mark.parametrize(
+    ("name", "marker"),
+    [("chatml", "<|im_end|>"), ("qwen", "<|im_end|>"), ("llama3", "<|eot_id|>"), ("gemma", "<end_of_turn>"),
+     ("mistral", "</s>"), ("phi3", "<|end|>")],
+)  # fmt: skip
+def test_named_templates_learn_exactly_the_assistant_turns_and_stop_at_their_marker(name, marker):
+    """Issue 23: the named templates of modern families, for tokenizers that ship none. The labels
+    are each assistant turn's text plus the family's end-of-turn marker, nothing of the prompt."""
+    from lrft.data.chat import encode_conversation, end_of_turn_tokens, install_template
+    from lrft.export.generate import stop_markers
+    from lrft.model.load import byte_tokenizer
+
+    tok = byte_tokenizer("llama")
+    install_template(tok, name)
+    msgs = [{"role": "system", "content": "Be loud."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "HELLO"}, {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "BYE"}]  # fmt: skip
+    ids, labels = encode_conversation(tok, msgs)
+    learned = "".join(tok.decode([i]) for i, y in zip(ids, labels, strict=True) if y != -100)
+    assert learned == f"HELLO{marker}BYE{marker}"
+    assert "Be loud." in tok.decode(ids)  # the system message is rendered (Gemma, Mistral: in turn 1)
+    # generation stops there: the marker is a stop string, or (Mistral) the EOS token itself
+    ids_stop, strings = stop_markers(tok, tok.chat_template)
+    assert marker in strings or (marker == tok.eos_token and tok.eos_token_id in ids_stop)
+    assert name == "mistral" or end_of_turn_tokens(tok, tok.chat_template) == [marker]

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lrft.data.templates import CHATML, NAMED_TEMPLATES  # noqa: F401  (CHATML: re-exported)
 from lrft.errors import UserError, did_you_mean
 
 IGNORE_INDEX = -100
@@ -30,15 +31,7 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
 }
 
-# The ChatML template (OpenAI's, used by Qwen and SmolLM), the named fallback for tokenizers
-# that ship none: dataset.chat_template=chatml
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-NAMED_TEMPLATES = {"chatml": CHATML}
+# the named templates (chatml, qwen, llama3, gemma, mistral, phi3) live in lrft.data.templates
 # end-of-turn markers of common templates: generation stops at them as well as at EOS
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -104,8 +97,9 @@ def resolve_template(tokenizer: Any, choice: str | None) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise UserError(
-            "The tokenizer has no chat template: set dataset.chat_template=chatml (a named fallback) "
-            "or dataset.chat_template=PATH to a Jinja file."
+            "The tokenizer has no chat template: set dataset.chat_template=chatml (or another named "
+            "one: " + ", ".join(n for n in NAMED_TEMPLATES if n != "chatml") + "), or "
+            "dataset.chat_template=PATH to a Jinja file."
         )
     return template if isinstance(template, str) else template.get("default", next(iter(template.values())))
 
