@@ -18,6 +18,7 @@ the pairs were split over micro-batches and processes.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,7 @@ def check_reference(model: nn.Module) -> None:
         )
 
 
-class PairObjective:
+class PairObjective(ABC):
     """A preference loss on :class:`Logps`. Subclasses set ``reference`` and implement
     :meth:`pair_terms`; the rest (forwards, counts, metrics) is shared."""
 
@@ -104,9 +105,9 @@ class PairObjective:
     def denominators(self) -> tuple[str, ...]:
         return ("pairs",)
 
+    @abstractmethod
     def pair_terms(self, lp: Logps) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """([summed loss terms, one per denominator], chosen rewards (B,), rejected rewards (B,))."""
-        raise NotImplementedError
 
     def counts(self, batch: dict[str, Any]) -> torch.Tensor:
         """The number of terms each loss sum of ``batch`` adds up (see :meth:`denominators`)."""
