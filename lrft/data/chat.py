@@ -11,10 +11,20 @@ when its characters overlap one of those assistant spans: a BPE token that strad
 (``"\n "`` before a reply that starts with a space) carries assistant text, so it is learned, which
 is also what transformers' ``return_assistant_tokens_mask`` marks. This needs no generation tags in
 the template, so it works with every template that renders conversations prefix by prefix.
+
+Two other paths, chosen per conversation (:func:`encode_chat`), cover templates that are not
+prefix-stable (Qwen3 drops the ``<think>`` blocks of assistant turns before the last user turn;
+some insert the date): a template with ``{% generation %}`` marks states its own assistant tokens,
+so transformers' ``return_assistant_tokens_mask`` labels the whole conversation in one example;
+without marks, each assistant turn becomes an example of its own, the conversation up to that turn
+rendered exactly as the template renders it at inference, with the loss on that turn only.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,12 @@ SHAREGPT_ROLES = {
 # the named templates (chatml, qwen, llama3, gemma, mistral, phi3) live in lrft.data.templates
 # end-of-turn markers of common templates: generation stops at them as well as at EOS
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+GENERATION_MARK = re.compile(r"{%-?\s*generation\s*-?%}")
+Pair = tuple[list[int], list[int]]  # (input_ids, labels) of one example
+
+
+class NotPrefixStable(UserError):
+    """The template rewrites earlier turns: :func:`encode_chat` then encodes turn by turn."""
 
 
 def check_chat_row(record: Any) -> tuple[dict[str, Any] | None, str | None, str]:
@@ -132,7 +148,7 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -
         if not upto.startswith(start):  # a template whose generation prompt is not a prefix
             start = render(tokenizer, messages[:i]) if i else ""
         if not (text.startswith(upto) and upto.startswith(start)):
-            raise UserError(
+            raise NotPrefixStable(
                 "The chat template does not render a conversation prefix by prefix (it rewrites earlier "
                 "turns), so the assistant tokens cannot be located: use another template "
                 "(dataset.chat_template=chatml or a Jinja file)."
@@ -143,10 +159,14 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -
     return spans
 
 
-def encode_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def encode_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Pair:
     """(input_ids, labels) of one conversation: labels are the ids on assistant spans, -100 elsewhere."""
     text = render(tokenizer, messages)
-    spans = assistant_spans(tokenizer, messages, text)
+    return label_spans(tokenizer, text, assistant_spans(tokenizer, messages, text))
+
+
+def label_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> Pair:
+    """``text`` tokenized once; a token is a label when its characters overlap one of ``spans``."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
@@ -156,35 +176,147 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple
     return ids, labels
 
 
+def encode_marked(tokenizer: Any, messages: list[dict[str, str]]) -> Pair:
+    """One conversation labelled by the template's own ``{% generation %}`` marks: they hold even
+    where the template rewrites earlier turns, since the whole conversation renders once."""
+    try:
+        enc = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+    except Exception as err:  # jinja's TemplateError, or raise_exception() inside the template
+        raise UserError(f"The chat template cannot render this conversation: {err}") from None
+    ids = [int(i) for i in enc["input_ids"]]
+    labels = [i if m else IGNORE_INDEX for i, m in zip(ids, enc["assistant_masks"], strict=True)]
+    if all(x == IGNORE_INDEX for x in labels):
+        raise UserError(
+            "The chat template's {% generation %} marks cover no token of this conversation: mark "
+            "each assistant turn's content and end-of-turn token."
+        )
+    return ids, labels
+
+
+def encode_last_turn(tokenizer: Any, messages: list[dict[str, str]]) -> Pair:
+    """The conversation rendered as the template renders it at inference (earlier turns as it
+    rewrites them), loss on its last assistant turn only: what the render adds after the prompt
+    (``messages[:-1]`` with the generation prompt), which must be a prefix of it."""
+    text = render(tokenizer, messages)
+    head = messages[:-1]
+    start = render(tokenizer, head, generation_prompt=True) if head else ""
+    if not text.startswith(start):  # a template whose generation prompt is not a prefix
+        start = render(tokenizer, head) if head else ""
+    if not text.startswith(start):
+        raise UserError(
+            "The chat template does not render a conversation prefix by prefix, not even one "
+            "assistant turn after its own prompt, so the assistant tokens cannot be located: use "
+            "another template (dataset.chat_template=chatml or a Jinja file), or mark the assistant "
+            "turns with {% generation %} ... {% endgeneration %}."
+        )
+    end = len(text.rstrip())  # whitespace after the end-of-turn token is never generated
+    return label_spans(tokenizer, text, [(len(start), end)] if end > len(start) else [])
+
+
+def fit(
+    encode: Callable[[Any, list[dict[str, str]]], Pair],
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    max_length: int,
+) -> Pair:
+    """``encode(tokenizer, messages)`` within ``max_length``: whole earlier exchanges go first
+    (system turns stay), then the one left is cut (:func:`cut`)."""
+    ids, labels = encode(tokenizer, messages)
+    while len(ids) > max_length:
+        shorter = drop_first_exchange(messages)
+        if shorter is None:
+            break
+        messages = shorter
+        ids, labels = encode(tokenizer, messages)
+    return cut(ids, labels, max_length)
+
+
+def encode_row(tokenizer: Any, messages: list[dict[str, str]], max_length: int, marked: bool) -> list[Pair]:
+    """The examples of one conversation: one, unless the template is not prefix-stable on it and
+    has no generation marks; then one per assistant turn (:func:`encode_last_turn`)."""
+    if marked:
+        return [fit(encode_marked, tokenizer, messages, max_length)]
+    try:
+        return [fit(encode_conversation, tokenizer, messages, max_length)]
+    except NotPrefixStable:
+        ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
+        return [fit(encode_last_turn, tokenizer, messages[:end], max_length) for end in ends]
+
+
+def has_generation_marks(template: str | None) -> bool:
+    return bool(template) and GENERATION_MARK.search(template) is not None
+
+
 def encode_chat(
     rows: list[dict[str, Any]], dcfg: Any, tokenizer: Any, max_length: int
 ) -> list[dict[str, Any]]:
     """Encode chat rows; installs the resolved template on ``tokenizer`` (see :func:`install_template`).
 
-    Too long: whole earlier exchanges go first (system turns stay), then the one left is cut.
+    Too long: whole earlier exchanges go first (system turns stay), then the one left is cut. A row
+    may give several examples (one per assistant turn, :func:`encode_row`); which path was taken is
+    said once per call (:func:`chat_note`), unless the caller reports for the whole dataset.
     """
-    install_template(tokenizer, getattr(dcfg, "chat_template", None))
+    template = install_template(tokenizer, getattr(dcfg, "chat_template", None))
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(
             "dataset=chat needs a fast tokenizer (character offsets locate the assistant tokens)."
         )
+    marked = has_generation_marks(template)
     out = []
     for row in rows:
-        messages = row["messages"]
         try:
-            ids, labels = encode_conversation(tokenizer, messages)
-            while len(ids) > max_length:
-                shorter = drop_first_exchange(messages)
-                if shorter is None:
-                    break
-                messages = shorter
-                ids, labels = encode_conversation(tokenizer, messages)
+            pairs = encode_row(tokenizer, row["messages"], max_length, marked)
         except UserError as err:
             where = row.get("_where")
             raise UserError(f"{where}: {err}" if where else str(err)) from None
-        ids, labels = cut(ids, labels, max_length)
-        out.append({"input_ids": ids, "labels": labels})
+        out += [{"input_ids": ids, "labels": labels} for ids, labels in pairs]
+    if _NOTES["on"]:
+        note = chat_note(template, len(rows), len(out))
+        if note:
+            say(note)
     return out
+
+
+_NOTES = {"on": True}
+
+
+@contextmanager
+def notes_off() -> Iterator[None]:
+    """No :func:`chat_note` from :func:`encode_chat` inside: the cached pipeline encodes in batches
+    (and once for the column types) and says the note once, for the whole dataset."""
+    before = _NOTES["on"]
+    _NOTES["on"] = False
+    try:
+        yield
+    finally:
+        _NOTES["on"] = before
+
+
+def chat_note(template: str | None, conversations: int, examples: int) -> str | None:
+    """The one line that says which path labelled the data, or None for the plain one."""
+    if has_generation_marks(template):
+        return (
+            "chat template has generation marks: assistant tokens from its {% generation %} marks "
+            f"({conversations} conversations)"
+        )
+    if examples > conversations:
+        return (
+            "chat template is not prefix-stable: one example per assistant turn "
+            f"({conversations} conversations -> {examples} examples)"
+        )
+    return None
+
+
+def say(text: str) -> None:
+    """A note on stderr, from the first process only (as :mod:`lrft.data.load` says its notes)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        from rich.console import Console
+
+        Console(stderr=True).print(text, highlight=False, soft_wrap=True)
 
 
 def drop_first_exchange(messages: list[dict[str, str]]) -> list[dict[str, str]] | None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lrft.data.chat import chat_note, notes_off, resolve_template, say
 from lrft.data.encode import encode_rows
 from lrft.data.fingerprint import FORMAT, fingerprint
 from lrft.data.load import SPLITS
@@ -156,7 +157,8 @@ def _build(source: RowSource, dcfg: DictConfig, task: str, tokenizer: Any, folde
         first = next(rows, None)  # a missing source fails here, before any file is written
         if first is None:
             raise _NoRows
-        features = _features(encode_rows([first], dcfg, task, tokenizer)[0])
+        with notes_off():  # chat notes are said once below, for the whole dataset
+            features = _features(encode_rows([first], dcfg, task, tokenizer)[0])
         writer = ArrowWriter(features=Features({"row": Value("string")}), path=str(tmp / "rows.arrow"))
         pending = [json.dumps(first)]
         for row in rows:
@@ -183,6 +185,10 @@ def _build(source: RowSource, dcfg: DictConfig, task: str, tokenizer: Any, folde
             new_fingerprint=folder.name,
             desc=f"tokenizing {source.name}",
         )
+        if dcfg.kind == "chat":  # a chat row may give one example per assistant turn
+            note = chat_note(resolve_template(tokenizer, dcfg.get("chat_template")), len(raw), len(encoded))
+            if note:
+                say(f"{source.name}: {note}")
         shards = [Path(f["filename"]).name for f in encoded.cache_files]
         meta = {"shards": shards, "rows": len(encoded), "source": source.name, "format": FORMAT}
         del raw, encoded
@@ -198,7 +204,9 @@ def _build(source: RowSource, dcfg: DictConfig, task: str, tokenizer: Any, folde
 
 
 def _encode_batch(batch: dict[str, list[Any]], dcfg: Any, task: str, tokenizer: Any) -> dict[str, list[Any]]:
-    examples = encode_rows([json.loads(r) for r in batch["row"]], dcfg, task, tokenizer)
+    # a batch may give more examples than rows (chat: one per assistant turn); "row" is removed
+    with notes_off():
+        examples = encode_rows([json.loads(r) for r in batch["row"]], dcfg, task, tokenizer)
     return {key: [ex[key] for ex in examples] for key in examples[0]} if examples else {}
 
 
@@ -230,7 +238,8 @@ def _streamed(dcfg: DictConfig, task: str, tokenizer: Any) -> Any:
 
     source = RowSource(dcfg, "train")
     first = next(source.validated(streaming=True))  # fail now on a missing source or a bad first row
-    encode_rows([first], dcfg, task, tokenizer)
+    with notes_off():
+        encode_rows([first], dcfg, task, tokenizer)
     kwargs = {"dcfg": dcfg, "task": task, "tokenizer": tokenizer}
     return IterableDataset.from_generator(_stream_examples, gen_kwargs=kwargs)
 
@@ -240,10 +249,14 @@ def _stream_examples(dcfg: DictConfig, task: str, tokenizer: Any) -> Iterator[di
     for row in RowSource(dcfg, "train").validated(streaming=True):
         pending.append(row)
         if len(pending) >= BATCH:
-            yield from encode_rows(pending, dcfg, task, tokenizer)
+            with notes_off():  # a note per batch would break into the progress display
+                examples = encode_rows(pending, dcfg, task, tokenizer)
+            yield from examples
             pending = []
     if pending:
-        yield from encode_rows(pending, dcfg, task, tokenizer)
+        with notes_off():
+            examples = encode_rows(pending, dcfg, task, tokenizer)
+        yield from examples
 
 
 def _mixed(dcfg: DictConfig, task: str, tokenizer: Any, root: Path, accelerator: Any, seed: int) -> Any:
