@@ -82,7 +82,7 @@ def test_bad_pairs_name_file_row_and_the_expected_columns(tmp_path, capsys, row,
 
 
 def test_objective_and_data_must_match():
-    with pytest.raises(UserError, match="learns from preference pairs"):
+    with pytest.raises(UserError, match="learns from preference data"):
         compose(["model=tiny_llama", "objective=dpo"])
     with pytest.raises(UserError, match="train it with a preference objective"):
         compose(["model=tiny_llama", "dataset=preference", "dataset.data_files.train=x.jsonl"])

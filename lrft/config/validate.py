@@ -193,13 +193,14 @@ def check_objective(cfg: DictConfig) -> None:
     paired = OBJECTIVES[name].paired
     if paired and d.kind != "preference":
         raise UserError(
-            f"objective={name} learns from preference pairs, and dataset '{d.name}' is {d.kind} data. "
-            "Use dataset=preference with a file of prompt/chosen/rejected rows, or objective=sft."
+            f"objective={name} learns from preference data, and dataset '{d.name}' is {d.kind} data. "
+            "Use dataset=preference with a file of prompt/chosen/rejected rows (prompt/completion/"
+            "label rows for objective=kto), or objective=sft."
         )
     if not paired and d.kind == "preference":
         raise UserError(
-            "dataset=preference holds (prompt, chosen, rejected) pairs: train it with a preference "
-            "objective: objective=dpo, ipo, orpo or simpo."
+            "dataset=preference holds preference rows: train it with a preference "
+            "objective: objective=dpo, ipo, orpo, simpo (pairs) or kto (labelled completions)."
         )
     if not paired:
         return

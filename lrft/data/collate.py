@@ -21,7 +21,9 @@ class Collator:
     become a long tensor (float for a regression task such as STS-B).
 
     Preference pairs (``rejected_input_ids``, :mod:`lrft.data.preference`) become 2B rows: the B
-    chosen sequences, then the B rejected ones in the same order.
+    chosen sequences, then the B rejected ones in the same order. KTO's examples stay B rows, with
+    their mismatched rows beside them (``kl_input_ids``, ``kl_attention_mask``, ``kl_labels``) and
+    ``desirable`` (B,).
 
     Every key of the returned dict goes straight into ``model(**batch)``, except ``dropout_ids``
     (examples that carry a ``dropout_id``: the loop pops it to key the dropout masks) and ``refs``: with
@@ -63,6 +65,12 @@ class Collator:
                 batch["labels"] = _pad(labels, IGNORE_INDEX)
         if "dropout_id" in examples[0]:  # training rows' indices (lrft.methods.dropout_keys)
             batch["dropout_ids"] = torch.tensor([ex["dropout_id"] for ex in examples], dtype=torch.long)
+        if "kl_input_ids" in examples[0]:  # KTO (lrft.objectives.kto)
+            kl = [ex["kl_input_ids"] for ex in examples]
+            batch["kl_input_ids"] = _pad(kl, self.pad_id)
+            batch["kl_attention_mask"] = _pad([[1] * len(x) for x in kl], 0)
+            batch["kl_labels"] = _pad([ex["kl_labels"] for ex in examples], IGNORE_INDEX)
+            batch["desirable"] = torch.tensor([ex["desirable"] for ex in examples], dtype=torch.long)
         if self.with_refs and "ref" in examples[0]:
             batch["refs"] = [ex["ref"] for ex in examples]
         return batch

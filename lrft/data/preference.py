@@ -5,7 +5,13 @@
 - conversational: ``{"prompt": [messages], "chosen": [assistant messages], "rejected": [...]}``,
   rendered with the model's chat template (``dataset.chat_template`` for a tokenizer without one).
 
-An encoded example holds the chosen sequence (``input_ids``, ``labels``) and the rejected one
+KTO's unpaired shape, standard or conversational: ``{"prompt", "completion", "label": bool}``. Its
+example holds the sequence (``input_ids``, ``labels``), ``desirable`` (1/0), and a mismatched row
+(``kl_input_ids``, ``kl_labels``): the same prompt with the completion of the row before it in
+the same encode chunk (cyclic; TRL pairs within a micro-batch the same way), which KTO's KL
+estimate needs. Being fixed at encode time, the pairing does not change with the batch split.
+
+An encoded pair holds the chosen sequence (``input_ids``, ``labels``) and the rejected one
 (``rejected_input_ids``, ``rejected_labels``); labels are -100 on the prompt, so the loss and the
 log-probabilities count completion tokens only. The two stay one example, so they always land in
 the same micro-batch (:class:`~lrft.data.collate.Collator` stacks chosen rows, then rejected).
@@ -22,8 +28,24 @@ from lrft.errors import UserError
 IGNORE_INDEX = -100
 EXPECTED = (
     "prompt, chosen, rejected: three strings (standard), or prompt a list of {role, content} messages "
-    "and chosen / rejected lists of assistant messages (conversational)"
+    "and chosen / rejected lists of assistant messages (conversational); for objective=kto: prompt, "
+    "completion (strings, or message lists) and label (true: a good completion, false: a bad one)"
 )
+
+
+def _check_unpaired(record: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, str]:
+    for col in ("prompt", "completion", "label"):
+        if record.get(col) is None:
+            missing = col not in record
+            return None, col, f"missing column '{col}'" if missing else f"column '{col}' has no value"
+    if not isinstance(record["label"], bool):
+        return None, "label", f"column 'label' must be true or false, got {record['label']!r}"
+    pair = {"prompt": record["prompt"], "chosen": record["completion"], "rejected": record["completion"]}
+    row, col, problem = check_preference_row(pair)
+    if row is None:
+        col = "completion" if col in ("chosen", "rejected") else col
+        return None, col, problem.replace("'chosen'", "'completion'").replace("chosen[", "completion[")
+    return {k: record[k] for k in ("prompt", "completion", "label")}, None, ""
 
 
 def check_preference_row(record: Any) -> tuple[dict[str, Any] | None, str | None, str]:
@@ -34,6 +56,8 @@ def check_preference_row(record: Any) -> tuple[dict[str, Any] | None, str | None
     """
     if not isinstance(record, dict):
         return None, None, f"expected an object with prompt, chosen and rejected, got {type(record).__name__}"
+    if "completion" in record and "chosen" not in record:
+        return _check_unpaired(record)
     for col in ("prompt", "chosen", "rejected"):
         if col not in record:
             return None, col, f"missing column '{col}'"
@@ -67,9 +91,13 @@ def check_preference_row(record: Any) -> tuple[dict[str, Any] | None, str | None
 def encode_preference(
     rows: list[dict[str, Any]], dcfg: Any, tokenizer: Any, max_length: int
 ) -> list[dict[str, Any]]:
-    """Encode pairs; conversational rows install the resolved chat template on ``tokenizer``."""
+    """Encode pairs (or KTO rows); conversational rows install the resolved chat template on
+    ``tokenizer``."""
+    _same_shape(rows)
     if any(isinstance(r["prompt"], list) for r in rows):
         install_template(tokenizer, getattr(dcfg, "chat_template", None))
+    if rows and "completion" in rows[0]:
+        return _encode_unpaired(rows, tokenizer, max_length)
     out = []
     for row in rows:
         try:
@@ -92,6 +120,48 @@ def encode_preference(
 
 
 Seq = tuple[list[int], list[int]]
+
+
+def _same_shape(rows: list[dict[str, Any]]) -> None:
+    """One file, one shape: pairs or labelled completions, plain text or messages (a KTO row's
+    mismatched completion comes from another row, so it must be of its kind)."""
+
+    def shape(row: dict[str, Any]) -> tuple[str, ...]:
+        if "completion" not in row:
+            return ("chosen/rejected pairs",)  # a pair is encoded alone: text and messages may mix
+        return ("labelled completions", "message lists" if isinstance(row["prompt"], list) else "text")
+
+    first = shape(rows[0]) if rows else None
+    for row in rows[1:]:
+        if shape(row) != first:
+            where = row.get("_where", "a row")
+            raise UserError(
+                f"{where}: this row holds {' of '.join(shape(row))}, and the first row "
+                f"{' of '.join(first)}: a preference file holds one shape."
+            )
+
+
+def _encode_unpaired(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    out = []
+    for i, row in enumerate(rows):
+        other = rows[i - 1]["completion"]  # row 0 takes the chunk's last completion
+        pair = {"prompt": row["prompt"], "chosen": row["completion"], "rejected": other}
+        try:
+            encode = _plain if isinstance(row["prompt"], str) else _conversational
+            seq, mismatched = encode(tokenizer, pair, max_length)
+        except UserError as err:
+            where = row.get("_where")
+            raise UserError(f"{where}: {err}" if where else str(err)) from None
+        out.append(
+            {
+                "input_ids": seq[0],
+                "labels": seq[1],
+                "kl_input_ids": mismatched[0],
+                "kl_labels": mismatched[1],
+                "desirable": int(row["label"]),
+            }
+        )
+    return out
 
 
 def _plain(tokenizer: Any, row: dict[str, Any], max_length: int) -> tuple[Seq, Seq]:

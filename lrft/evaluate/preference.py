@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -13,10 +14,24 @@ def preference_metrics(
     model: nn.Module, batches: Iterable[tuple[dict[str, Any], Any]], objective: Any, merge: Any = None
 ) -> dict[str, float]:
     """``loss`` (each term averaged over its count, as in training) and ``rewards/*``,
-    ``logps/*`` averaged over the pairs; ``merge`` combines every process's sums."""
-    sums: dict[str, float] = {}
-    for batch, _ in batches:
+    ``logps/*`` averaged over the pairs (KTO: over its good / bad examples); ``merge`` combines
+    every process's sums."""
+    from lrft.objectives.preference import average_metrics
+
+    batches = [batch for batch, _ in batches]  # held-out sets are small; KTO reads them twice
+    for batch in batches:
         batch.pop("dropout_ids", None)
+    if batches or merge is not None:  # every process joins the reduction, also with no batch
+
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            if merge is None:
+                return x
+            _, total = merge(None, {str(i): v for i, v in enumerate(x.tolist())})
+            return torch.tensor([total[str(i)] for i in range(len(x))], dtype=x.dtype, device=x.device)
+
+        objective.prepare(model, batches, reduce, lambda _batch: nullcontext())
+    sums: dict[str, float] = {}
+    for batch in batches:
         with torch.no_grad():
             terms, metrics = objective.loss_terms(model, batch)
         counts = objective.counts(batch)
@@ -32,7 +47,6 @@ def preference_metrics(
     while f"term{k}" in sums:
         loss += sums[f"term{k}"] / max(sums[f"count{k}"], 1.0)
         k += 1
-    pairs = max(sums.get("count0", 0.0), 1.0)
     out = {"loss": loss if k else float("nan")}
-    out.update({key: v / pairs for key, v in sums.items() if "/" in key})
+    out.update(average_metrics(sums, max(sums.get("count0", 0.0), 1.0)))
     return out

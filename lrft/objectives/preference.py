@@ -19,6 +19,8 @@ the pairs were split over micro-batches and processes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +60,13 @@ class Logps:
         return self.chosen / self.n_chosen.clamp(min=1), self.rejected / self.n_rejected.clamp(min=1)
 
 
+# what a preference batch holds beside the model's inputs (KTO: its labels and mismatched rows)
+NOT_INPUTS = ("labels", "desirable", "kl_input_ids", "kl_attention_mask", "kl_labels")
+
+
 def sequence_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log-probs of each row's label tokens, their count), float32, both (rows,)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
     logits = model(**inputs).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     flat = F.cross_entropy(
@@ -90,27 +96,86 @@ def check_reference(model: nn.Module) -> None:
         )
 
 
-class PairObjective(ABC):
-    """A preference loss on :class:`Logps`. Subclasses set ``reference`` and implement
-    :meth:`pair_terms`; the rest (forwards, counts, metrics) is shared."""
+def average_metrics(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Means of a window's metric sums: ``x/chosen`` over ``count/chosen`` where the objective counts
+    its own examples (KTO: desirable and undesirable ones, as TRL averages them), else over
+    ``count`` (the pairs or examples). KTO's margin is then the difference of the two means."""
+    out = {}
+    for key, value in sums.items():
+        if key.startswith("count/") or not ("/" in key or key == "kl"):
+            continue
+        n = sums.get(f"count/{key.rsplit('/', 1)[-1]}", count)
+        if n:
+            out[key] = value / n
+    if "count/chosen" in sums and "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a sum over every process (identity on one)
+Context = Callable[[dict[str, Any]], AbstractContextManager]  # per micro-batch (dropout keys)
+
+
+class PreferenceObjective(ABC):
+    """What the step and the evaluator call. ``loss_terms`` returns K loss sums per micro-batch,
+    each averaged over the global count :meth:`counts` gives (see :meth:`denominators`)."""
 
     reference = False  # needs log π_ref (the adapters switched off)
     averaged = False  # works on per-token average log-probs (logged as logps/*, as TRL does)
+    unpaired = False  # learns from single labelled completions (KTO), not chosen/rejected pairs
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.beta = float(cfg.beta)
 
-    # what each returned sum is averaged over: "pairs" or "chosen_tokens"
+    # what each returned sum is averaged over: "pairs", "chosen_tokens" or "examples"
     def denominators(self) -> tuple[str, ...]:
         return ("pairs",)
+
+    def prepare(
+        self, model: nn.Module, window: Sequence[dict[str, Any]], reduce: Reduce, context: Context
+    ) -> None:
+        """Before the window's forwards: a statistic of the whole step (KTO's KL estimate).
+        Pair objectives need none."""
+        return None
+
+    def check_examples(self, example: dict[str, Any]) -> None:
+        """Refuse data of the other shape (pairs for KTO, single completions for the others)."""
+        from lrft.errors import UserError
+
+        if self.unpaired and "kl_input_ids" not in example:
+            raise UserError(
+                f"objective={self.name} learns from single completions labelled good or bad: rows "
+                '{"prompt", "completion", "label": true|false}, and this file holds chosen/rejected '
+                "pairs. Each pair gives one good and one bad row (prompt + chosen, label true; prompt "
+                "+ rejected, label false), or train the pairs with objective=dpo, ipo, orpo or simpo."
+            )
+        if not self.unpaired and "rejected_input_ids" not in example:
+            raise UserError(
+                f"objective={self.name} learns from chosen/rejected pairs, and this file holds single "
+                'labelled completions ({"prompt", "completion", "label"}): train it with objective=kto.'
+            )
+
+    @abstractmethod
+    def counts(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The number of terms each loss sum of ``batch`` adds up (see :meth:`denominators`)."""
+
+    @abstractmethod
+    def loss_terms(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the loss sums, one per denominator), and the metric sums over this batch."""
+
+
+class PairObjective(PreferenceObjective):
+    """A preference loss on :class:`Logps` of chosen/rejected pairs. Subclasses set ``reference``
+    and implement :meth:`pair_terms`; the rest (forwards, counts, metrics) is shared."""
 
     @abstractmethod
     def pair_terms(self, lp: Logps) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """([summed loss terms, one per denominator], chosen rewards (B,), rejected rewards (B,))."""
 
     def counts(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The number of terms each loss sum of ``batch`` adds up (see :meth:`denominators`)."""
         rows = batch["input_ids"].shape[0]
         labels = batch["labels"][: rows // 2, 1:]
         by = {
@@ -132,7 +197,6 @@ class PairObjective(ABC):
     def loss_terms(
         self, model: nn.Module, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the loss sums, one per denominator), and the metric sums over this batch's pairs."""
         lp = self.logps(model, batch)
         terms, chosen, rejected = self.pair_terms(lp)
         chosen, rejected = chosen.detach(), rejected.detach()

@@ -2,7 +2,8 @@
 
 ``sft`` is next-token cross-entropy on the completion tokens, the loss every dataset kind but
 ``preference`` trains with. The others are preference objectives on (prompt, chosen, rejected)
-pairs (:mod:`lrft.objectives.preference`); their formulas and papers are in each module.
+pairs, or KTO's single labelled completions
+(:mod:`lrft.objectives.preference`); their formulas and papers are in each module.
 """
 
 from __future__ import annotations
@@ -50,6 +51,18 @@ class SimPOConfig(ObjectiveConfig):
     sft_weight: float = 0.0
 
 
+@dataclass
+class KTOConfig(ObjectiveConfig):
+    """KTO (https://arxiv.org/abs/2402.01306) on single completions labelled good or bad;
+    ``beta``: the KL strength, ``*_weight``: λ_D, λ_U (balance them when one label is rarer:
+    the paper keeps λ_D·n_D / λ_U·n_U within [1, 4/3])."""
+
+    name: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     config: type
@@ -64,4 +77,5 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "ipo": ObjectiveSpec(IPOConfig, "lrft.objectives.dpo", reference=True),
     "orpo": ObjectiveSpec(ORPOConfig, "lrft.objectives.orpo"),
     "simpo": ObjectiveSpec(SimPOConfig, "lrft.objectives.simpo"),
+    "kto": ObjectiveSpec(KTOConfig, "lrft.objectives.kto", reference=True),
 }

@@ -87,7 +87,10 @@ class Logger:
             "tokens_per_s": real / elapsed,
             "padding": 1 - real / padded if padded else 0.0,
         }
-        record.update({k: v / count for k, v in zip(keys, extra, strict=True) if count})  # per pair
+        if keys:  # a preference objective's metrics, per pair (KTO: per good / bad example)
+            from lrft.objectives.preference import average_metrics
+
+            record.update(average_metrics(dict(zip(keys, extra, strict=True)), count))
         if state.skipped:
             record["skipped_steps"] = state.skipped
         if scale is not None:

@@ -125,13 +125,15 @@ def setup(cfg: DictConfig, run_dir: Path, engine: Engine) -> Setup:
     train_ex = prepare_split(cfg.dataset, "train", task, tokenizer, accelerator=acc, seed=t.seed)
     eval_ex = prepare_split(cfg.dataset, "eval", task, tokenizer, accelerator=acc)
     streaming = not hasattr(train_ex, "__len__")
+    objective = get_objective(cfg)
+    if objective is not None and len(train_ex):  # pairs for dpo..simpo, labelled rows for kto
+        objective.check_examples(train_ex[0])
     # with several processes a collective: every one must agree on the same step
     resume_from = find_checkpoint(run_dir, t.resume, acc) if t.resume else None
     method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
 
     model, handover, full_state = _build_model(cfg, run_dir, engine, tokenizer, train_ex, method, resume_from)
     _for_training(model, t)
-    objective = get_objective(cfg)
     if objective is not None and objective.reference:  # before any sharding: whole modules
         from lrft.objectives.preference import check_reference
 

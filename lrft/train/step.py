@@ -129,6 +129,15 @@ def _pairs_forward_backward(
     real = torch.zeros((), dtype=torch.long, device=device)
     padded = torch.zeros((), dtype=torch.long, device=device)
     metrics: dict[str, torch.Tensor] = {}
+
+    def key(batch: dict[str, Any]) -> AbstractContextManager:
+        return keyed(batch.get(ID_KEY), None, seed, step)
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(x, "sum") if world > 1 else x
+
+    with autocast():  # a statistic of the whole step first (KTO's KL estimate), without gradients
+        objective.prepare(model, window, reduce, key)
     for i, batch in enumerate(window):
         sync = nullcontext() if i == len(window) - 1 else no_sync(accelerator, model)
         batch = dict(batch)
