@@ -57,6 +57,7 @@ class MemorySection(BudgetConfig):
 class MemoryConfig:
     model: ModelConfig = MISSING
     method: Any = MISSING
+    objective: Any = MISSING  # added by compose_memory (sft unless named): configs/memory.yaml lacks it
     quantization: QuantizationConfig = MISSING
     optimizer: OptimizerConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -71,7 +72,26 @@ def compose_memory(overrides: list[str]) -> DictConfig:
     from lrft.config.compose import compose
 
     ConfigStore.instance().store(name="memory_schema", node=MemoryConfig)
-    return compose(overrides, "memory")
+    return compose(with_objective(overrides), "memory")
+
+
+def with_objective(overrides: list[str]) -> list[str]:
+    """The ``objective`` group appended to memory.yaml's defaults (``+objective=``; sft unless named),
+    and, for a pair objective with no dataset named, ``dataset=preference``: its max_length is what
+    the pairs are planned at, and any other dataset kind would be refused as training refuses it."""
+    from lrft.objectives.schemas import OBJECTIVES
+
+    out, name = [], None
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "objective":
+            name, o = value, f"+objective={value}"
+        out.append(o)
+    spec = OBJECTIVES.get(name or "sft")
+    named = {o.partition("=")[0].lstrip("+") for o in overrides}
+    if spec is not None and spec.paired and not named & {"dataset", "recipes"}:
+        out.append("dataset=preference")
+    return out if name is not None else [*out, "+objective=sft"]
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -109,9 +129,14 @@ def compose_column(combo: list[str], several_methods: bool) -> tuple[DictConfig,
             notes.append(f"{name}: {', '.join(o.split('=')[0] for o in dropped)} do not apply")
         combo = [o for o in combo if o not in dropped]
     cfg = compose_memory(combo)
+    from lrft.config.validate import check_objective
     from lrft.methods.registry import get_method as method_of
+    from lrft.objectives import objective_name
+    from lrft.objectives.schemas import OBJECTIVES
 
     method_of(cfg.method.name).validate(cfg)  # e.g. full fine-tuning of a quantized base is refused
+    if OBJECTIVES[objective_name(cfg)].paired:  # as lrft train: pairs need preference data, ...
+        check_objective(cfg)  # (sft on a preference dataset's max_length is a fair comparison)
     return cfg, notes
 
 
@@ -130,15 +155,17 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
     """One row per quantity, one column per planned configuration."""
     first = columns[0][1]
     gc_on = bool(cfg.trainer.gradient_checkpointing)
+    plans = [p for _, p in columns]
+    paired = any(p.rows_per_example > 1 for p in plans)
+    rows = " (pairs: 2×B rows, chosen+rejected)" if paired else ""
     title = (
-        f"{cfg.model.name}: batch {first.batch_size} x {first.seq_len} tokens, "
+        f"{cfg.model.name}: batch {first.batch_size}{rows} x {first.seq_len} tokens, "
         f"model.dtype={cfg.model.dtype}, quantization={cfg.quantization.name}"
     )
     table = Table(title=title, caption=f"config: {source}", title_justify="left", caption_justify="left")
     table.add_column("")
     for label, _ in columns:
         table.add_column(label, justify="right")
-    plans = [p for _, p in columns]
 
     def row(name: str, cells: list[str], style: str | None = None) -> None:
         table.add_row(name, *cells, style=style)
@@ -158,6 +185,8 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
         lay = p.activations.layers
         lo, hi = (min(lay), max(lay)) if lay else (0, 0)
         layer_cells.append(size(hi) if lo == hi else f"{size(lo)}-{size(hi)}")
+    if paired:
+        row("objective", [_rows(p) for p in plans])
     row("saved per block", layer_cells)
     row("kept per block, checkpointed", [size(p.activations.layer_inputs / max(1, p.blocks)) for p in plans])
     row("saved outside blocks", [size(p.activations.outside) for p in plans])
@@ -165,7 +194,10 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
         on = gc == gc_on
         suffix = ", checkpointed" if gc else ""
         kept = [size(p.activations.checkpointed if gc else p.activations.total) for p in plans]
-        row(f"activations{suffix}", kept, "bold" if on else None)
+        what = " (2×B rows: chosen+rejected)" if paired else ""
+        row(f"activations{what}{suffix}", kept, "bold" if on else None)
+        if any(p.reference is not None for p in plans):
+            _reference_rows(row, plans, gc, suffix)
         row(f"step peak{suffix}", [size(p.peak[gc]) for p in plans], "bold" if on else None)
         row(f"total{suffix}", [size(p.total(gc)) for p in plans], "bold green" if on else None)
     if any(p.offload_peak is not None for p in plans):
@@ -174,9 +206,36 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
     if any(p.plain_peak is not None for p in plans):
         cells = ["-" if p.plain_peak is None else size(p.plain_peak) for p in plans]
         row("step peak, full logits (loss_chunk=0)", cells)
+    if paired:
+        cells = [size(p.logits_f32) if p.logits_f32 else "-" for p in plans]
+        row("logits f32 (2B, T-1, V), one full copy (sequence_logps)", cells)
+    if any(p.reference_refused for p in plans):
+        cells = [size(p.reference_copy) if p.reference_refused else "-" for p in plans]
+        row("reference copy (refused: weights outside adapters train; not in totals)", cells, "bold red")
     if budget is not None:
         _budget_rows(row, plans, budget)
     return table
+
+
+def _rows(plan: Any) -> str:
+    if plan.rows_per_example == 1:
+        return f"{plan.objective}: {plan.batch_size} rows"
+    ref = ", + reference" if plan.reference is not None else ""
+    return f"{plan.objective}: {plan.batch_size} pairs = {plan.rows_per_example * plan.batch_size} rows{ref}"
+
+
+def _reference_rows(row: Any, plans: list[Any], gc: bool, suffix: str) -> None:
+    """DPO / IPO: the no-grad reference forward's transient and what it sits on (the step peak is
+    the larger of the training forward + backward's peak and held + transient)."""
+
+    def cells(fn: Any) -> list[str]:
+        return ["-" if p.reference is None else fn(p.reference[gc]) for p in plans]
+
+    row(f"training forward + backward peak{suffix}", cells(lambda r: size(r.train)))
+    row(
+        f"reference forward (no grad): transient + held{suffix}",
+        cells(lambda r: f"{size(r.transient)} + {size(r.held)}"),
+    )
 
 
 def _budget_rows(row: Any, plans: list[Any], budget: float) -> None:
@@ -205,6 +264,18 @@ FOOTER = (
     "positions (the full-logits row: loss_chunk=0). plan in B GiB: the fastest plan that fits "
     "(the global batch kept; step time by FLOPs, 1 = no recomputation; lrft.memory.choose); "
     "trainer.memory_plan=auto memory.budget_gb=B applies it to a run."
+)
+
+
+PAIRS_FOOTER = (
+    "Preference objectives: trainer.batch_size counts pairs, each 2 rows (chosen, rejected) of up to "
+    "dataset.max_length tokens. Their loss (lrft.objectives.preference.sequence_logps) is counted as "
+    "its code allocates it: unchunked, the whole logits, a float32 copy and its float32 log-softmax "
+    "(kept for backward); the logits row is one full float32 copy, for scale. DPO and IPO then run "
+    "a reference forward of the same rows without gradients (the "
+    "adapters switched off): it keeps nothing, but its transient (one block's working set, its own "
+    "logits and log-softmax) comes on top of what the training forward still holds, so step peak = "
+    "max(training forward + backward peak, held + transient)."
 )
 
 
@@ -238,6 +309,13 @@ def memory_main(argv: list[str]) -> int:
         planner = Planner(ccfg)
         plan = shard_plan(planner.plan(), planner, ccfg.memory)
         budget = ccfg.memory.budget_gb
+        try:
+            refuse_reference(plan, ccfg, budget)
+        except UserError as err:
+            if len(combos) == 1:
+                raise
+            skipped.append(f"{label}: {err}")
+            continue
         if budget is not None:
             g = int(ccfg.trainer.batch_size) * int(ccfg.trainer.grad_accum)
             plan.choice = choose(planner, plan.resident, plan.gradients, int(budget * GIB), g)
@@ -249,9 +327,28 @@ def memory_main(argv: list[str]) -> int:
         raise UserError("No column could be planned:\n  " + "\n  ".join(skipped))
     out.print(render(columns, cfg, source, cfg.memory.budget_gb))
     out.print(FOOTER.format(gc=str(cfg.trainer.gradient_checkpointing).lower()), highlight=False)
+    if any(p.rows_per_example > 1 for _, p in columns):
+        out.print(PAIRS_FOOTER, highlight=False)
     for line in [*notes, *(f"not planned: {s}" for s in skipped)]:
         out.print(f"- {line}", highlight=False, markup=False)
     return 0
+
+
+def refuse_reference(plan: Any, cfg: DictConfig, budget: float | None) -> None:
+    """A reference objective where parameters outside the adapters train: lrft train refuses it
+    (``check_reference``): no plan fits a budget, so a budget refuses it too; without one, the
+    table shows the copy a reference would need and a note says what works."""
+    from lrft.memory.preference import WHAT_WORKS
+
+    if not plan.reference_refused:
+        return
+    what = (
+        f"objective={plan.objective} with method={cfg.method.name}: {plan.reference_refused} "
+        f"({size(plan.reference_copy)}), which lrft train refuses"
+    )
+    if budget is not None:
+        raise UserError(f"{what}, so nothing fits memory.budget_gb={budget:g}. What works: {WHAT_WORKS}.")
+    plan.notes.append(f"{what}: the totals are of a run that does not start. What works: {WHAT_WORKS}.")
 
 
 def _labels(combos: list[list[str]]) -> list[str]:

@@ -220,8 +220,3 @@ def check_objective(cfg: DictConfig) -> None:
             "evaluation pads with label-free batches that would count as pairs): train with plain "
             "data parallel."
         )
-    if t.get("memory_plan", "none") != "none":
-        raise UserError(
-            "trainer.memory_plan=auto does not count a preference step's 2 rows per pair and its "
-            "reference forward yet: set trainer.batch_size and trainer.grad_accum by hand."
-        )

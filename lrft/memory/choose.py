@@ -195,7 +195,10 @@ def apply_plan(cfg: Any, engine: Any) -> tuple[Any, dict[str, Any] | None]:
     """``trainer.memory_plan=auto`` (micro-batch, accumulation, checkpointed blocks, offload) or
     ``trainer.gradient_checkpointing=auto`` (the blocks only) at ``memory.budget_gb``, or 90% of
     the CUDA device's memory: the config the run trains with, and the plan for run_info.json.
-    Every process plans alike (the planner is deterministic), so all of them agree."""
+    Every process plans alike (the planner is deterministic), so all of them agree.
+
+    A preference objective's micro-batch counts pairs (2 rows each, :mod:`lrft.memory.preference`),
+    so the accumulation keeps the global batch of pairs."""
     from types import SimpleNamespace
 
     from lrft.memory.plan import Planner, optimizer_state_bytes
@@ -218,6 +221,13 @@ def apply_plan(cfg: Any, engine: Any) -> tuple[Any, dict[str, Any] | None]:
 
         budget_gb = 0.9 * torch.cuda.get_device_properties(device).total_memory / GIB
     planner = Planner(cfg)
+    if planner.pairs is not None and planner.pairs.refused:
+        from lrft.memory.preference import WHAT_WORKS
+
+        raise UserError(
+            f"{what}: objective={planner.pairs.name} with method={cfg.method.name}: "
+            f"{planner.pairs.refused}, which lrft does not make, so nothing fits. What works: {WHAT_WORKS}."
+        )
     view = SimpleNamespace(
         weights=planner.weights(),
         gradients=planner.gradients(),
@@ -235,7 +245,8 @@ def apply_plan(cfg: Any, engine: Any) -> tuple[Any, dict[str, Any] | None]:
         smallest = Chooser(planner, resident, view.gradients, 0).total(1, planner.n_blocks, whole)
         raise UserError(
             f"{what}: nothing fits in memory.budget_gb={budget_gb:.2f} GiB. The smallest plan "
-            f"(micro-batch {1 if whole else fixed}, every block checkpointed"
+            f"(micro-batch {1 if whole else fixed}{' pair(s)' if planner.pairs else ''}, every block "
+            "checkpointed"
             f"{', offloaded' if whole else ''}) needs {smallest / GIB:.2f} GiB. Raise the budget, or "
             "save memory elsewhere: quantization=nf4, method=lora_fa, a shorter dataset.max_length."
         )

@@ -135,6 +135,8 @@ def activation_profile(
     for i, layer in enumerate(layers):
 
         def enter(mod: nn.Module, args: Any, kwargs: Any, i: int = i) -> None:
+            if not torch.is_grad_enabled():
+                return  # a no-grad forward (DPO's reference) keeps nothing, checkpointed or not
             rec.section = f"layer{i}"
             for t in _tensors([*args, *kwargs.values()]):
                 key = storage_key(t)

@@ -16,8 +16,10 @@ would allocate is counted exactly, not estimated from formulas:
 bitsandbytes cannot run on meta, so a quantized base runs with its compute-dtype shapes and its
 storage is counted analytically (NF4/FP4: half a byte per weight plus block scales; int8: a byte
 plus one float32 scale per row). int8 matmuls keep their input outside ``save_for_backward``; a
-hook adds it. Not modelled: the CUDA context, allocator rounding and fragmentation, kernel
-workspaces, the optimizer step's temporaries, autocast's casts of a float32 model, padding.
+hook adds it. A preference objective's step (2 rows a pair, DPO's reference forward) is its own
+code run on meta (:mod:`lrft.memory.preference`). Not modelled: the CUDA context, allocator
+rounding and fragmentation, kernel workspaces, the optimizer step's temporaries, autocast's casts
+of a float32 model, padding.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ from torch import nn
 from lrft.errors import UserError
 from lrft.memory.measure import ActivationProfile, LiveBytes, activation_profile
 from lrft.memory.on_meta import meta_forward
+from lrft.memory.preference import (
+    ReferenceParts,
+    ReferencePhase,
+    pair_batch,
+    pair_fields,
+    pair_loss,
+    pair_step,
+)
 from lrft.model.activations import Offloader, blocks, checkpoint_blocks, offload_blocks, resolve_count
 from lrft.model.loss import loss_sum
 from lrft.model.meta import GLUE_TARGET_TOKENS, build_meta_model, resolve_config
@@ -142,6 +152,12 @@ class Plan:
     checkpointing, the loss from the full logits (``trainer.loss_chunk=0``; causal LMs whose
     loss is chunked, else None). ``offload_peak``: every block checkpointed and offloaded
     (``trainer.offload_activations=true``, else None).
+
+    A preference objective: ``batch_size`` counts pairs, ``rows_per_example`` = 2 (chosen +
+    rejected rows), ``logits_f32`` is one float32 (2B, T - 1, V) buffer of ``sequence_logps``;
+    ``reference`` splits each peak around the no-grad reference forward (DPO, IPO; see
+    :class:`lrft.memory.preference.ReferenceParts`), ``reference_refused`` says why lrft refuses a
+    reference that would need a copy of ``reference_copy`` bytes (not in the totals: none is made).
     """
 
     label: str
@@ -160,6 +176,12 @@ class Plan:
     plain_peak: int | None = None
     offload_peak: int | None = None
     choice: Any = None  # budget: the fastest plan that fits (lrft.memory.choose.Choice)
+    objective: str = "sft"
+    rows_per_example: int = 1
+    logits_f32: int = 0
+    reference: dict[bool, ReferenceParts] | None = None
+    reference_refused: str | None = None
+    reference_copy: int = 0
 
     @property
     def resident(self) -> int:
@@ -182,6 +204,10 @@ class Planner:
         self.hf_config, self.config_source = resolve_config(mcfg, self.num_labels)
         self.notes: list[str] = []
         self.model = self._build_and_apply()
+        self.pairs = pair_step(cfg, self.model)  # None: sft
+        self.reference_parts: dict[tuple[int, bool | int, bool], ReferenceParts] = {}
+        if self.pairs is not None:
+            self.notes.append(self.pairs.note)
         linears = _quantized_linears(self.model, mcfg, qcfg)
         self.quantized = {id(m.weight): m for m in linears.values()}
         self.int8 = [m for m in linears.values() if qcfg.name == "int8"]
@@ -219,6 +245,8 @@ class Planner:
     def _batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         cfg, task = self.cfg, self.cfg.model.task
         length = int(cfg.dataset.max_length)
+        if self.pairs is not None:
+            return pair_batch(self.pairs.rows_per_example * batch_size, length)
         ids = torch.zeros(batch_size, length, dtype=torch.long, device="meta")
         if task == "causal":
             return {"input_ids": ids, "labels": ids}
@@ -249,7 +277,10 @@ class Planner:
         return len(blocks(self.model))
 
     def loss(self, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
-        """The loss as the training step computes it: a causal LM's in chunks of logits."""
+        """The loss as the training step computes it: a causal LM's in chunks of logits, a
+        preference objective's by its own ``loss_terms`` (full logits, reference forward)."""
+        if self.pairs is not None:
+            return pair_loss(self.pairs, self.model, batch)
         if self.cfg.model.task == "causal":
             return loss_sum(self.model, batch, "causal", chunk=self.chunk if chunk is None else chunk)
         return self.model(**batch).loss
@@ -286,7 +317,7 @@ class Planner:
             off = Offloader(model, to_host=_shape_of, to_device=_empty_from, min_bytes=0, stay_on=())
             handles += offload_blocks(model, off)
         try:
-            with meta_forward(), LiveBytes(model) as live:
+            with meta_forward(), LiveBytes(model) as live, ReferencePhase(live) as phase:
                 self.loss(batch, chunk).backward()
         finally:
             checkpoint_blocks(model, 0)
@@ -294,7 +325,9 @@ class Planner:
                 h.remove()
             for p in model.parameters():
                 p.grad = None
-        return live.peak
+        # the reference forward's transient sits on what the training forward holds (0 without one)
+        self.reference_parts[(batch_size, checkpointing, offload)] = phase.parts
+        return phase.parts.peak
 
     def weights(self) -> dict[str, int]:
         q = self.cfg.quantization
@@ -333,8 +366,12 @@ class Planner:
         batch_size = batch_size or int(self.cfg.trainer.batch_size)
         params = list(self.model.parameters())
         gradients = self.gradients()
-        chunked = self.cfg.model.task == "causal" and self.chunk != 0
+        chunked = self.cfg.model.task == "causal" and self.chunk != 0 and self.pairs is None
         offload = bool(self.cfg.trainer.get("offload_activations"))
+        peak = {gc: self.step_peak(batch_size, gc) for gc in (False, True)}
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
+        length = int(self.cfg.dataset.max_length)
+        pairs = pair_fields(self.pairs, self.reference_parts, batch_size, length, vocab)
         return Plan(
             label=str(self.cfg.method.name),
             batch_size=batch_size,
@@ -346,11 +383,12 @@ class Planner:
             optimizer=optimizer_state_bytes(self.optimizer),
             optimizer_name=optimizer_kind(self.optimizer),
             activations=self.activations(batch_size),
-            peak={gc: self.step_peak(batch_size, gc) for gc in (False, True)},
+            peak=peak,
             notes=list(dict.fromkeys(self.notes)),
             blocks=self.n_blocks,
             plain_peak=self.step_peak(batch_size, False, chunk=0) if chunked else None,
             offload_peak=self.step_peak(batch_size, True, offload=True) if offload else None,
+            **pairs,
         )
 
     def max_batch(self, plan: Plan, budget: int, checkpointing: bool, limit: int = 1 << 16) -> int:

@@ -1,0 +1,160 @@
+"""``lrft memory`` and ``trainer.memory_plan=auto`` with preference objectives (issue 23): a
+micro-batch of B pairs is 2B rows, DPO / IPO add a no-grad reference forward on top of what the
+training forward holds, the full float32 logits of ``sequence_logps`` are counted, and a reference
+that would need a copy of the model (full fine-tuning) is flagged, or refused under a budget.
+
+The plan is the objective's own code run on meta; the CPU check runs the same code for real."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_preference import COMMON, pairs
+
+from lrft.cli.main import main
+from lrft.cli.memory import compose_memory, memory_main
+from lrft.config.compose import compose
+from lrft.errors import UserError
+from lrft.memory.measure import LiveBytes
+from lrft.memory.plan import Planner
+from lrft.memory.preference import ReferencePhase, logits_f32_bytes
+from lrft.methods.base import ApplyContext
+from lrft.methods.registry import get_method
+from lrft.model.activations import blocks, checkpoint_blocks
+from lrft.model.load import load_model
+from lrft.objectives import get_objective
+from lrft.train import train
+
+T = 64
+SHAPE = ["model=tiny_llama", "dataset=preference", f"dataset.max_length={T}", "method.dropout=0.0"]
+
+
+def planner_for(objective: str, *extra: str) -> Planner:
+    return Planner(compose_memory([*SHAPE, f"objective={objective}", *extra]))
+
+
+def test_a_pair_step_counts_two_rows_and_the_reference_forward():
+    b = 2
+    sft, orpo, dpo = (planner_for(o) for o in ("sft", "orpo", "dpo"))
+    plans = {name: p.plan(b) for name, p in (("sft", sft), ("orpo", orpo), ("dpo", dpo))}
+    for gc in (False, True):
+        assert plans["dpo"].total(gc) >= plans["orpo"].total(gc) > plans["sft"].total(gc), gc
+    assert plans["dpo"].total(False) > plans["orpo"].total(False)  # the reference's transient shows
+    # 2 rows a pair: every block sees the 2B rows an sft step of 2B rows sees, byte for byte
+    assert plans["orpo"].activations.layers == sft.activations(2 * b).layers
+    assert plans["orpo"].rows_per_example == 2 and plans["sft"].rows_per_example == 1
+    vocab = dpo.model.config.vocab_size
+    for name in ("orpo", "dpo"):
+        assert plans[name].logits_f32 == logits_f32_bytes(2 * b, T, vocab) == 2 * b * (T - 1) * vocab * 4
+    assert plans["orpo"].reference is None and plans["sft"].reference is None
+    for gc in (False, True):
+        parts = plans["dpo"].reference[gc]
+        # the step's peak splits exactly around the reference forward
+        assert plans["dpo"].peak[gc] == parts.peak == max(parts.train, parts.held + parts.transient)
+        # the reference keeps nothing and holds at least its float32 logits and their log-softmax
+        assert parts.transient >= 2 * plans["dpo"].logits_f32
+        # it runs after the training forward: what that forward keeps is live beneath it
+        kept = plans["dpo"].activations
+        assert parts.held >= (kept.outside if gc else kept.total)
+    # no-grad forwards keep nothing: the reference adds no saved activations
+    assert plans["dpo"].activations.total <= plans["orpo"].activations.total
+    ipo = planner_for("ipo").plan(b)
+    assert ipo.reference is not None
+    assert ipo.reference[False].transient == plans["dpo"].reference[False].transient
+
+
+def real_model(cfg):
+    torch.manual_seed(0)
+    model = load_model(cfg.model, None, cfg.quantization)
+    method = get_method(cfg.method.name)(OmegaConf.to_object(cfg.method))
+    defaults = {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}
+    method.apply(model, defaults, ApplyContext())
+    model.config.use_cache = False
+    return model.train()
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_plan_matches_a_real_cpu_step(objective):
+    """The planned step peak, and its split around the reference, against the same step on CPU:
+    ``loss_terms`` of the objective on a real tiny LLaMA, 2 pairs x 64 tokens, float32."""
+    b = 2
+    cfg = compose_memory([*SHAPE, f"objective={objective}"])
+    planner = Planner(cfg)
+    model = real_model(cfg)
+    ids = torch.randint(5, 200, (2 * b, T))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    obj = get_objective(cfg)
+    for gc in (False, True):
+        checkpoint_blocks(model, len(blocks(model)) if gc else 0)
+        with LiveBytes(model) as live, ReferencePhase(live) as phase:
+            obj.loss_terms(model, batch)[0].sum().backward()
+        model.zero_grad(set_to_none=True)
+        planned = planner.step_peak(b, gc)
+        # exact on this model (torch 2.13 CPU); the issue's bound for plans is 10%
+        assert planned == phase.parts.peak, f"checkpointing={gc}"
+        assert planner.reference_parts[(b, gc, False)] == phase.parts
+
+
+def test_cli_labels_the_preference_rows(capsys):
+    assert memory_main([*SHAPE, "objective=orpo,dpo", "trainer.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    for row in (
+        "activations (2×B rows: chosen+rejected)",
+        "reference forward (no grad): transient + held",
+        "training forward + backward peak",
+        "logits f32 (2B, T-1, V), one full copy (sequence_logps)",
+        "dpo: 2 pairs = 4 rows, + reference",
+        "orpo: 2 pairs = 4 rows",
+    ):
+        assert row in out, row
+    assert "step peak, full logits (loss_chunk=0)" not in out  # sequence_logps is never chunked
+
+
+def test_objective_dpo_alone_plans_preference_pairs(capsys):
+    assert memory_main(["model=tiny_llama", "objective=dpo", "dataset.max_length=32"]) == 0
+    assert "objective=dpo: trainer.batch_size counts pairs" in capsys.readouterr().out
+
+
+def test_full_fine_tuning_with_a_reference_is_flagged_and_refused_under_a_budget(capsys):
+    args = [*SHAPE[:-1], "method=full", "objective=dpo"]  # full fine-tuning has no dropout key
+    assert memory_main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps the notes
+    assert "reference copy (refused: weights outside adapters train" in out
+    assert "What works: a low-rank method" in out
+    assert main(["memory", *args, "memory.budget_gb=8"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nothing fits memory.budget_gb=8" in err and "objective=orpo" in err
+    # beside a method that works, the refused column is left out and said
+    assert memory_main([*SHAPE, "method=lora,full", "objective=dpo", "memory.budget_gb=8"]) == 0
+    assert "not planned: full: objective=dpo with method=full" in " ".join(capsys.readouterr().out.split())
+    # orpo needs no reference: full fine-tuning plans
+    assert memory_main([*SHAPE[:-1], "method=full", "objective=orpo", "memory.budget_gb=8"]) == 0
+
+
+def test_memory_plan_auto_picks_a_micro_batch_of_pairs(tmp_path):
+    """A budget where 2 pairs (4 rows) fit without recomputation and 4 pairs do not: the run
+    trains 2 pairs x 2 accumulation, the global batch of 4 pairs kept."""
+    dpo = planner_for("dpo")
+    resident = dpo.plan(1).resident
+    budget = resident + dpo.step_peak(2, False)
+    assert resident + dpo.step_peak(4, False) > budget
+    run = tmp_path / "run"
+    args = [*COMMON, *pairs(tmp_path), "objective=dpo", f"dataset.max_length={T}", "method.dropout=0.0",
+            "trainer.batch_size=4", "trainer.grad_accum=1", "trainer.max_steps=1", f"output_dir={run}",
+            "trainer.memory_plan=auto", f"memory.budget_gb={budget / (1 << 30)}"]  # fmt: skip
+    # compose + train: the CLI's quick key check does not know memory.* yet (lrft/config/compose.py)
+    train(compose(args), run)
+    info = json.loads((run / "run_info.json").read_text())["memory_plan"]
+    assert (info["batch_size"], info["grad_accum"], info["checkpointed"]) == (2, 2, 0)
+    assert info["total"] == budget
+    saved = OmegaConf.load(run / "config.yaml").trainer
+    assert (saved.batch_size, saved.grad_accum) == (2, 2)
+
+
+def test_memory_plan_auto_refuses_a_reference_copy(tmp_path):
+    run = tmp_path / "r"
+    cfg = compose([*COMMON, *pairs(tmp_path), "objective=dpo", "method=full", "trainer.memory_plan=auto",
+                   f"dataset.max_length={T}", "memory.budget_gb=8", f"output_dir={run}"])  # fmt: skip
+    with pytest.raises(UserError, match="objective=orpo or objective=simpo"):
+        train(cfg, run)
