@@ -118,7 +118,7 @@ def test_the_loss_is_the_paper_formula_with_the_step_kl():
     import lrft.objectives.kto as kto
 
     real = kto.sequence_logps
-    kto.sequence_logps = lambda _m, _b: (next(calls), None)
+    kto.sequence_logps = lambda _m, _b, _chunk: (next(calls), None)
     try:
         objective.prepare(model, [batch], lambda x: x, lambda _b: nullcontext())
         terms, metrics = objective.loss_terms(model, batch)

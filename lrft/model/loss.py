@@ -249,3 +249,32 @@ def chunked_lm_loss(
     if upstream is None:
         upstream = torch.ones((), dtype=torch.float32, device=h.device)
     return _ChunkedLinearCE.apply(h, y, upstream.float().reshape(()), chunk, head, cap, *params)
+
+
+def _chunk_logps(h: torch.Tensor, y: torch.Tensor, head: nn.Module, cap: float | None) -> torch.Tensor:
+    return -_chunk_loss(h, y, head, cap, "none")
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, cap: float | None, chunk: int
+) -> torch.Tensor:
+    """log softmax(head(h_t))[y_t] per position (0 where ``y_t`` is ignored), float32, shaped like
+    ``labels``; C positions of logits at a time.
+
+    A preference loss is not linear in these (DPO's gradient of a row's log-prob depends on the
+    whole pair), so the upstream gradient is unknown in forward and :class:`_ChunkedLinearCE`'s
+    trick does not apply. Each chunk is checkpointed instead: forward keeps only the (positions,)
+    result, backward recomputes that chunk's logits (one more head matmul per chunk, about a
+    third of the head's step cost) and frees them before the next."""
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(h.device)
+    train = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+    pieces = []
+    for hc, yc in zip(h.split(chunk), y.split(chunk), strict=True):
+        if train:
+            pieces.append(checkpoint(_chunk_logps, hc, yc, head, cap, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(hc, yc, head, cap))
+    return torch.cat(pieces).view(labels.shape)

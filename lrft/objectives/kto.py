@@ -65,9 +65,9 @@ class KTO(PreferenceObjective):
             for batch in window:
                 rows = _kl_rows(batch)
                 with context(batch):
-                    policy, _ = sequence_logps(model, rows)
+                    policy, _ = sequence_logps(model, rows, self.chunk)
                     with adapters_off(model):
-                        ref, _ = sequence_logps(model, rows)
+                        ref, _ = sequence_logps(model, rows, self.chunk)
                 n = torch.tensor(len(policy), device=device)
                 total += torch.stack([(policy - ref).double().sum(), n])
         total = reduce(total)
@@ -79,9 +79,9 @@ class KTO(PreferenceObjective):
         if self.kl is None:
             raise RuntimeError("KTO.prepare must run over the step's micro-batches first")
         rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
-        logps, _ = sequence_logps(model, rows)
+        logps, _ = sequence_logps(model, rows, self.chunk)
         with torch.no_grad(), adapters_off(model):
-            ref, _ = sequence_logps(model, rows)
+            ref, _ = sequence_logps(model, rows, self.chunk)
         good = batch["desirable"].bool()
         ratio = logps - ref
         losses = torch.where(

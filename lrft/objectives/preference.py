@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrft.methods.layers import adapters_off
-from lrft.model.loss import IGNORE_INDEX
+from lrft.model.loss import (
+    DEFAULT_CHUNK,
+    IGNORE_INDEX,
+    chunk_positions,
+    chunkable_head,
+    chunked_token_logps,
+    final_hidden,
+    shifted_labels,
+    softcap,
+)
 
 # the metrics a step logs (sums over pairs; the logger divides by the pair count), TRL's names
 METRICS = (
@@ -64,16 +73,31 @@ class Logps:
 NOT_INPUTS = ("labels", "desirable", "kl_input_ids", "kl_attention_mask", "kl_labels")
 
 
-def sequence_logps(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ log-probs of each row's label tokens, their count), float32, both (rows,)."""
+def sequence_logps(
+    model: nn.Module, batch: dict[str, Any], chunk: int | str = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ log-probs of each row's label tokens, their count), float32, both (rows,).
+
+    The logits of a causal LM are never whole where the model allows it: the head projects
+    ``chunk`` positions at a time (:func:`~lrft.model.loss.chunked_token_logps`; ``auto`` keeps a
+    chunk within 2^26 logits), so a 262k vocabulary costs a chunk, not (2B, T, V) in float32."""
     inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
-    logits = model(**inputs).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
+    labels = shifted_labels(batch["labels"])
+    mask = labels != IGNORE_INDEX
+    head = chunkable_head(model) if chunk != 0 else None
+    logits = None
+    if head is not None:
+        hidden, logits = final_hidden(model, inputs)
+        if logits.shape[1] == 0:  # the head projected nothing: chunk it
+            positions = chunk_positions(chunk, head.weight.shape[0])
+            token = chunked_token_logps(hidden, labels, head, softcap(model), positions)
+            return token.sum(-1), mask.sum(-1)
+    if logits is None or logits.shape[1] == 0:
+        logits = model(**inputs).logits
     flat = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
         reduction="none",
     )  # fmt: skip
-    mask = labels != IGNORE_INDEX
     return -(flat.view(labels.shape) * mask).sum(-1), mask.sum(-1)
 
 
@@ -127,6 +151,7 @@ class PreferenceObjective(ABC):
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.beta = float(cfg.beta)
+        self.chunk: int | str = DEFAULT_CHUNK  # positions of logits at a time (trainer.loss_chunk)
 
     # what each returned sum is averaged over: "pairs", "chosen_tokens" or "examples"
     def denominators(self) -> tuple[str, ...]:
@@ -185,12 +210,12 @@ class PairObjective(PreferenceObjective):
         return torch.stack([by[d] for d in self.denominators()])
 
     def logps(self, model: nn.Module, batch: dict[str, Any]) -> Logps:
-        logps, counts = sequence_logps(model, batch)
+        logps, counts = sequence_logps(model, batch, self.chunk)
         half = logps.shape[0] // 2
         lp = Logps(logps[:half], logps[half:], counts[:half], counts[half:], -logps[:half].sum())
         if self.reference:
             with torch.no_grad(), adapters_off(model):
-                ref, _ = sequence_logps(model, batch)
+                ref, _ = sequence_logps(model, batch, self.chunk)
             lp.ref_chosen, lp.ref_rejected = ref[:half], ref[half:]
         return lp
 

@@ -64,6 +64,7 @@ def forward_backward(
     (:mod:`lrft.methods.dropout_keys`), for its forward and its backward.
     """
     if objective is not None:
+        objective.chunk = loss_chunk
         return _pairs_forward_backward(
             accelerator, model, window, objective, autocast=autocast, step=step, seed=seed
         )
