@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from launch import torchrun
+from omegaconf import OmegaConf
 from test_loop_invariants import ADAMW, SGD, final_state, max_diff, run
 
 from lrft.cli.main import main
