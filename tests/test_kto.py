@@ -171,3 +171,32 @@ def test_two_processes_train_what_one_does(tmp_path):
     proc = torchrun([*args, "trainer.batch_size=2", f"output_dir={two}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_diff(final_state(two), one) < 1e-6
+
+
+@pytest.mark.parametrize("objective", ["kto", "dpo"])
+def test_lora_ga_initialises_from_the_preferred_completions(tmp_path, objective):
+    """LoRA-GA's gradient probe sees token-loss batches of the completions to learn (KTO: the good
+    rows; pairs: the chosen rows), not KTO's KL rows or the rejected completions."""
+    from lrft.data.load import load_rows
+
+    data = rows(tmp_path) if objective == "kto" else []
+    if objective == "dpo":
+        path = tmp_path / "pairs.jsonl"
+        lines = [{"prompt": f"Say {w}:", "chosen": f" {w.upper()}", "rejected": f" {w}"} for w in "abcd"]
+        path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        data = [f"dataset.data_files.train={path}", f"dataset.data_files.validation={path}"]
+    cfg = compose([*COMMON, *data, f"objective={objective}"])
+    tok = byte_tokenizer("llama")
+    examples = encode_rows(load_rows(cfg.dataset, "train")[:4], cfg.dataset, "causal", tok)
+    batch = Collator(tok, "causal")(examples)
+    calib = get_objective(cfg).calibration_batch(batch)
+    assert set(calib) == {"input_ids", "attention_mask", "labels"}
+    if objective == "kto":
+        assert calib["input_ids"].shape[0] == int(batch["desirable"].sum())
+    else:
+        assert torch.equal(calib["input_ids"], batch["input_ids"][:4])
+    out = tmp_path / "ga"
+    args = [*COMMON, *data, f"objective={objective}", "method=lora_ga", "method.init_batches=2",
+            "trainer.max_steps=2", "trainer.batch_size=2", f"output_dir={out}"]  # fmt: skip
+    assert main(["train", *args]) == 0
+    assert (out / "final").is_dir()

@@ -181,6 +181,21 @@ class PreferenceObjective(ABC):
                 'labelled completions ({"prompt", "completion", "label"}): train it with objective=kto.'
             )
 
+    def calibration_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The rows a data-aware init (LoRA-GA's gradient) learns from: the preferred completions,
+        as a token-loss batch. At π = π_ref DPO's gradient is −β/2 (∇log π(y_w) − ∇log π(y_l))
+        and the others' differ in weights, so no one token loss is each objective's; the chosen
+        completions' is what SFT before alignment would follow."""
+        rows = batch["input_ids"].shape[0]
+        if self.unpaired:
+            keep = batch["desirable"].bool()
+            keep = keep if keep.any() else torch.ones_like(keep)  # a batch of bad rows only
+        else:
+            keep = torch.arange(rows) < rows // 2
+        out = {k: v[keep] for k, v in batch.items() if k not in NOT_INPUTS or k == "labels"}
+        out.pop("dropout_ids", None)
+        return out
+
     @abstractmethod
     def counts(self, batch: dict[str, Any]) -> torch.Tensor:
         """The number of terms each loss sum of ``batch`` adds up (see :meth:`denominators`)."""

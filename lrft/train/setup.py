@@ -274,10 +274,14 @@ def _load_and_apply(
     method.refuse(accelerator, model)
     collate = Collator(tokenizer, cfg.model.task)  # calibration batches, as training's
 
+    objective = get_objective(cfg)
+
     def calibration() -> Iterator[dict[str, Any]]:
         device = next(model.parameters()).device
         for batch in DataLoader(train_ex, batch_size=t.batch_size, shuffle=False, collate_fn=collate):
             batch.pop("refs", None)
+            if objective is not None:  # preference rows: the completions to learn, as token loss
+                batch = objective.calibration_batch(batch)
             yield {k: v.to(device) for k, v in batch.items()}
 
     # sharded: the model is still on the host, where a device collective (NCCL) cannot reduce, and
