@@ -47,6 +47,8 @@ class Collator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
+        # precomputed reference log-probs (objective.precompute_ref): one (2,) row per example
+        ref = [ex["ref_logps"] for ex in examples] if "ref_logps" in examples[0] else None
         if "rejected_input_ids" in examples[0]:  # preference pairs: B chosen rows, then B rejected
             examples = [*examples, *({**ex, "input_ids": ex["rejected_input_ids"],
                                       "labels": ex["rejected_labels"]} for ex in examples)]  # fmt: skip
@@ -71,6 +73,8 @@ class Collator:
             batch["kl_attention_mask"] = _pad([[1] * len(x) for x in kl], 0)
             batch["kl_labels"] = _pad([ex["kl_labels"] for ex in examples], IGNORE_INDEX)
             batch["desirable"] = torch.tensor([ex["desirable"] for ex in examples], dtype=torch.long)
+        if ref is not None:
+            batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
         if self.with_refs and "ref" in examples[0]:
             batch["refs"] = [ex["ref"] for ex in examples]
         return batch

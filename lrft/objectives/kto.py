@@ -66,12 +66,23 @@ class KTO(PreferenceObjective):
                 rows = _kl_rows(batch)
                 with context(batch):
                     policy, _ = sequence_logps(model, rows, self.chunk)
-                    with adapters_off(model):
-                        ref, _ = sequence_logps(model, rows, self.chunk)
+                    if "ref_logps" in batch:  # precomputed (objective.precompute_ref)
+                        ref = batch["ref_logps"][:, 1]
+                    else:
+                        with adapters_off(model):
+                            ref, _ = sequence_logps(model, rows, self.chunk)
                 n = torch.tensor(len(policy), device=device)
                 total += torch.stack([(policy - ref).double().sum(), n])
         total = reduce(total)
         self.kl = (total[0] / total[1].clamp(min=1)).clamp(min=0).float()
+
+    def reference_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, 2): log π_ref of each example and of its mismatched row (adapters off)."""
+        rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+        with torch.no_grad(), adapters_off(model):
+            ref, _ = sequence_logps(model, rows, self.chunk)
+            kl, _ = sequence_logps(model, _kl_rows(batch), self.chunk)
+        return torch.stack([ref, kl], dim=1)
 
     def loss_terms(
         self, model: nn.Module, batch: dict[str, Any]
@@ -80,8 +91,11 @@ class KTO(PreferenceObjective):
             raise RuntimeError("KTO.prepare must run over the step's micro-batches first")
         rows = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
         logps, _ = sequence_logps(model, rows, self.chunk)
-        with torch.no_grad(), adapters_off(model):
-            ref, _ = sequence_logps(model, rows, self.chunk)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"][:, 0]
+        else:
+            with torch.no_grad(), adapters_off(model):
+                ref, _ = sequence_logps(model, rows, self.chunk)
         good = batch["desirable"].bool()
         ratio = logps - ref
         losses = torch.where(

@@ -70,7 +70,7 @@ class Logps:
 
 
 # what a preference batch holds beside the model's inputs (KTO: its labels and mismatched rows)
-NOT_INPUTS = ("labels", "desirable", "kl_input_ids", "kl_attention_mask", "kl_labels")
+NOT_INPUTS = ("labels", "desirable", "kl_input_ids", "kl_attention_mask", "kl_labels", "ref_logps")
 
 
 def sequence_logps(
@@ -229,10 +229,18 @@ class PairObjective(PreferenceObjective):
         half = logps.shape[0] // 2
         lp = Logps(logps[:half], logps[half:], counts[:half], counts[half:], -logps[:half].sum())
         if self.reference:
-            with torch.no_grad(), adapters_off(model):
-                ref, _ = sequence_logps(model, batch, self.chunk)
-            lp.ref_chosen, lp.ref_rejected = ref[:half], ref[half:]
+            ref = batch.get("ref_logps")  # precomputed (objective.precompute_ref)
+            if ref is None:
+                ref = self.reference_logps(model, batch)
+            lp.ref_chosen, lp.ref_rejected = ref[:, 0], ref[:, 1]
         return lp
+
+    def reference_logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, 2): log π_ref of each pair's chosen and rejected completion (adapters off)."""
+        with torch.no_grad(), adapters_off(model):
+            ref, _ = sequence_logps(model, batch, self.chunk)
+        half = ref.shape[0] // 2
+        return torch.stack([ref[:half], ref[half:]], dim=1)
 
     def loss_terms(
         self, model: nn.Module, batch: dict[str, Any]

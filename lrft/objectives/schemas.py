@@ -22,6 +22,7 @@ class DPOConfig(ObjectiveConfig):
 
     name: str = "dpo"
     beta: float = 0.1
+    precompute_ref: bool = False  # reference log-probs once, kept with the run
 
 
 @dataclass
@@ -30,6 +31,7 @@ class IPOConfig(ObjectiveConfig):
 
     name: str = "ipo"
     beta: float = 0.1
+    precompute_ref: bool = False  # reference log-probs once, kept with the run
 
 
 @dataclass
@@ -59,6 +61,7 @@ class KTOConfig(ObjectiveConfig):
 
     name: str = "kto"
     beta: float = 0.1
+    precompute_ref: bool = False  # reference log-probs once, kept with the run
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
 

@@ -138,6 +138,12 @@ def setup(cfg: DictConfig, run_dir: Path, engine: Engine) -> Setup:
         from lrft.objectives.preference import check_reference
 
         check_reference(model)
+        if getattr(objective.cfg, "precompute_ref", False) and not streaming:
+            from lrft.objectives.reference_cache import WithReference, reference_table
+
+            collate = Collator(tokenizer, task)
+            table = reference_table(model, objective, train_ex, collate, acc, run_dir)
+            train_ex = WithReference(train_ex, table)
     n_train, n_total = count_parameters(model)  # before sharding: whole counts
     if engine.sharded:  # before compile and before the optimizer, which must hold the sharded parameters
         model = sharding.shard(model, acc)
