@@ -1,15 +1,19 @@
 """``lrft memory`` and ``trainer.memory_plan=auto`` with preference objectives (issue 23): a
 micro-batch of B pairs is 2B rows, DPO / IPO add a no-grad reference forward on top of what the
-training forward holds, the full float32 logits of ``sequence_logps`` are counted, and a reference
-that would need a copy of the model (full fine-tuning) is flagged, or refused under a budget.
+training forward holds, ``sequence_logps`` holds one chunk of logits (``trainer.loss_chunk``; all
+of them with 0), KTO's B examples add B KL rows scored with no grad before the training forward,
+and a reference that would need a copy of the model (full fine-tuning) is flagged, or refused
+under a budget.
 
 The plan is the objective's own code run on meta; the CPU check runs the same code for real."""
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_kto import rows as kto_rows
 from test_preference import COMMON, pairs
 
 from lrft.cli.main import main
@@ -18,7 +22,7 @@ from lrft.config.compose import compose
 from lrft.errors import UserError
 from lrft.memory.measure import LiveBytes
 from lrft.memory.plan import Planner
-from lrft.memory.preference import ReferencePhase, logits_f32_bytes
+from lrft.memory.preference import ReferencePhase
 from lrft.methods.base import ApplyContext
 from lrft.methods.registry import get_method
 from lrft.model.activations import blocks, checkpoint_blocks
@@ -45,14 +49,15 @@ def test_a_pair_step_counts_two_rows_and_the_reference_forward():
     assert plans["orpo"].activations.layers == sft.activations(2 * b).layers
     assert plans["orpo"].rows_per_example == 2 and plans["sft"].rows_per_example == 1
     vocab = dpo.model.config.vocab_size
-    for name in ("orpo", "dpo"):
-        assert plans[name].logits_f32 == logits_f32_bytes(2 * b, T, vocab) == 2 * b * (T - 1) * vocab * 4
+    for name in ("orpo", "dpo"):  # auto: 1024 positions a chunk on this vocabulary, more than 2B x T
+        assert plans[name].logits_positions == 2 * b * T
+        assert plans[name].logits_f32 == 2 * b * T * vocab * 4
     assert plans["orpo"].reference is None and plans["sft"].reference is None
     for gc in (False, True):
         parts = plans["dpo"].reference[gc]
         # the step's peak splits exactly around the reference forward
         assert plans["dpo"].peak[gc] == parts.peak == max(parts.train, parts.held + parts.transient)
-        # the reference keeps nothing and holds at least its float32 logits and their log-softmax
+        # the reference keeps nothing and holds at least its chunk's float32 logits and log-softmax
         assert parts.transient >= 2 * plans["dpo"].logits_f32
         # it runs after the training forward: what that forward keeps is live beneath it
         kept = plans["dpo"].activations
@@ -74,26 +79,48 @@ def real_model(cfg):
     return model.train()
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
-def test_plan_matches_a_real_cpu_step(objective):
-    """The planned step peak, and its split around the reference, against the same step on CPU:
-    ``loss_terms`` of the objective on a real tiny LLaMA, 2 pairs x 64 tokens, float32."""
-    b = 2
-    cfg = compose_memory([*SHAPE, f"objective={objective}"])
-    planner = Planner(cfg)
-    model = real_model(cfg)
-    ids = torch.randint(5, 200, (2 * b, T))
+def real_batch(objective: str, b: int) -> dict[str, torch.Tensor]:
+    """What the collator gives: 2B full-length rows of pairs, or B labelled rows and B KL rows."""
+    ids = torch.randint(5, 200, (b if objective == "kto" else 2 * b, T))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    if objective == "kto":
+        kl = torch.randint(5, 200, (b, T))
+        batch.update(kl_input_ids=kl, kl_attention_mask=torch.ones_like(kl), kl_labels=kl)
+        batch["desirable"] = torch.tensor([1, 0] * (b // 2), dtype=torch.long)
+    return batch
+
+
+@pytest.mark.parametrize(
+    ("objective", "chunk"),
+    [("dpo", "auto"), ("orpo", "auto"), ("kto", "auto"), ("dpo", 0), ("kto", 0), ("dpo", 48)],
+)
+def test_plan_matches_a_real_cpu_step(objective, chunk):
+    """The planned step peak, and its split into phases, against the same step on CPU: the
+    objective's ``prepare`` (KTO's KL rows) and ``loss_terms`` on a real tiny LLaMA, 2 pairs (or
+    2 examples + 2 KL rows) x 64 tokens, float32, with ``trainer.loss_chunk`` auto (one chunk),
+    0 (the whole logits) and 48 (several chunks, each checkpointed)."""
+    b = 2
+    cfg = compose_memory([*SHAPE, f"objective={objective}", f"trainer.loss_chunk={chunk}"])
+    planner = Planner(cfg)
+    assert planner.pairs.objective.chunk == chunk  # set from the config, as the step sets it
+    model = real_model(cfg)
+    batch = real_batch(objective, b)
     obj = get_objective(cfg)
+    obj.chunk = chunk  # as lrft.train.step.forward_backward does
     for gc in (False, True):
         checkpoint_blocks(model, len(blocks(model)) if gc else 0)
-        with LiveBytes(model) as live, ReferencePhase(live) as phase:
+        with LiveBytes(model) as live, ReferencePhase(live, obj) as phase:
+            obj.prepare(model, [batch], lambda x: x, lambda _b: nullcontext())
             obj.loss_terms(model, batch)[0].sum().backward()
         model.zero_grad(set_to_none=True)
         planned = planner.step_peak(b, gc)
         # exact on this model (torch 2.13 CPU); the issue's bound for plans is 10%
         assert planned == phase.parts.peak, f"checkpointing={gc}"
         assert planner.reference_parts[(b, gc, False)] == phase.parts
+        if objective == "kto":  # two no-grad forwards of the KL rows, before anything is held
+            assert phase.parts.prepare > 0 and phase.parts.transient > 0
+        else:
+            assert phase.parts.prepare == 0  # a pair objective prepares nothing
 
 
 def test_cli_labels_the_preference_rows(capsys):
@@ -103,12 +130,29 @@ def test_cli_labels_the_preference_rows(capsys):
         "activations (2×B rows: chosen+rejected)",
         "reference forward (no grad): transient + held",
         "training forward + backward peak",
-        "logits f32 (2B, T-1, V), one full copy (sequence_logps)",
+        "logits f32 at once (sequence_logps: positions x V)",
+        "(every 256 positions)",
         "dpo: 2 pairs = 4 rows, + reference",
         "orpo: 2 pairs = 4 rows",
+        "step peak, full logits (loss_chunk=0)",  # sequence_logps is chunked: the row applies
     ):
         assert row in out, row
-    assert "step peak, full logits (loss_chunk=0)" not in out  # sequence_logps is never chunked
+    assert "KL rows pass" not in out  # no KTO column
+
+
+def test_cli_plans_kto(capsys):
+    assert memory_main([*SHAPE, "objective=kto", "trainer.batch_size=2", "trainer.loss_chunk=32"]) == 0
+    out = capsys.readouterr().out
+    for row in (
+        "kto: 2 examples + 2 KL rows, + reference",
+        "KL rows pass before forward (no grad)",
+        "reference forward (no grad): transient + held",
+        "(a chunk of 32 positions)",
+    ):
+        assert row in out, row
+    flat = " ".join(out.split())
+    assert "objective=kto: trainer.batch_size counts examples" in flat
+    assert "loss_chunk=32 positions of logits at a time" in flat
 
 
 def test_objective_dpo_alone_plans_preference_pairs(capsys):
@@ -150,6 +194,21 @@ def test_memory_plan_auto_picks_a_micro_batch_of_pairs(tmp_path):
     assert info["total"] == budget
     saved = OmegaConf.load(run / "config.yaml").trainer
     assert (saved.batch_size, saved.grad_accum) == (2, 2)
+
+
+def test_memory_plan_auto_picks_a_micro_batch_of_kto_examples(tmp_path):
+    """As for pairs: 2 examples (+ 2 KL rows) fit without recomputation, 4 do not."""
+    kto = planner_for("kto")
+    resident = kto.plan(1).resident
+    budget = resident + kto.step_peak(2, False)
+    assert resident + kto.step_peak(4, False) > budget
+    run = tmp_path / "run"
+    args = [*COMMON, *kto_rows(tmp_path), "objective=kto", f"dataset.max_length={T}", "method.dropout=0.0",
+            "trainer.batch_size=4", "trainer.grad_accum=1", "trainer.max_steps=1", f"output_dir={run}",
+            "trainer.memory_plan=auto", f"memory.budget_gb={budget / (1 << 30)}"]  # fmt: skip
+    train(compose(args), run)
+    info = json.loads((run / "run_info.json").read_text())["memory_plan"]
+    assert (info["batch_size"], info["grad_accum"], info["checkpointed"]) == (2, 2, 0)
 
 
 def test_memory_plan_auto_refuses_a_reference_copy(tmp_path):

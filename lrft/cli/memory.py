@@ -157,7 +157,10 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
     gc_on = bool(cfg.trainer.gradient_checkpointing)
     plans = [p for _, p in columns]
     paired = any(p.rows_per_example > 1 for p in plans)
-    rows = " (pairs: 2×B rows, chosen+rejected)" if paired else ""
+    with_kl = any(p.kl_rows for p in plans)
+    shapes = [" (pairs: 2×B rows, chosen+rejected)"] if paired else []
+    shapes += [" (kto: B examples + B KL rows)"] if with_kl else []
+    rows = "".join(shapes)
     title = (
         f"{cfg.model.name}: batch {first.batch_size}{rows} x {first.seq_len} tokens, "
         f"model.dtype={cfg.model.dtype}, quantization={cfg.quantization.name}"
@@ -185,7 +188,7 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
         lay = p.activations.layers
         lo, hi = (min(lay), max(lay)) if lay else (0, 0)
         layer_cells.append(size(hi) if lo == hi else f"{size(lo)}-{size(hi)}")
-    if paired:
+    if paired or with_kl:
         row("objective", [_rows(p) for p in plans])
     row("saved per block", layer_cells)
     row("kept per block, checkpointed", [size(p.activations.layer_inputs / max(1, p.blocks)) for p in plans])
@@ -197,7 +200,7 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
         what = " (2×B rows: chosen+rejected)" if paired else ""
         row(f"activations{what}{suffix}", kept, "bold" if on else None)
         if any(p.reference is not None for p in plans):
-            _reference_rows(row, plans, gc, suffix)
+            _reference_rows(row, plans, gc, suffix, with_kl)
         row(f"step peak{suffix}", [size(p.peak[gc]) for p in plans], "bold" if on else None)
         row(f"total{suffix}", [size(p.total(gc)) for p in plans], "bold green" if on else None)
     if any(p.offload_peak is not None for p in plans):
@@ -206,9 +209,8 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
     if any(p.plain_peak is not None for p in plans):
         cells = ["-" if p.plain_peak is None else size(p.plain_peak) for p in plans]
         row("step peak, full logits (loss_chunk=0)", cells)
-    if paired:
-        cells = [size(p.logits_f32) if p.logits_f32 else "-" for p in plans]
-        row("logits f32 (2B, T-1, V), one full copy (sequence_logps)", cells)
+    if paired or with_kl:
+        row("logits f32 at once (sequence_logps: positions x V)", [_logits(p) for p in plans])
     if any(p.reference_refused for p in plans):
         cells = [size(p.reference_copy) if p.reference_refused else "-" for p in plans]
         row("reference copy (refused: weights outside adapters train; not in totals)", cells, "bold red")
@@ -218,19 +220,35 @@ def render(columns: list[tuple[str, Any]], cfg: DictConfig, source: str, budget:
 
 
 def _rows(plan: Any) -> str:
+    ref = ", + reference" if plan.reference is not None and plan.reference[False].transient else ""
+    b = plan.batch_size
+    if plan.kl_rows:
+        return f"{plan.objective}: {b} examples + {plan.kl_rows * b} KL rows{ref}"
     if plan.rows_per_example == 1:
-        return f"{plan.objective}: {plan.batch_size} rows"
-    ref = ", + reference" if plan.reference is not None else ""
-    return f"{plan.objective}: {plan.batch_size} pairs = {plan.rows_per_example * plan.batch_size} rows{ref}"
+        return f"{plan.objective}: {b} rows"
+    return f"{plan.objective}: {b} pairs = {plan.rows_per_example * b} rows{ref}"
 
 
-def _reference_rows(row: Any, plans: list[Any], gc: bool, suffix: str) -> None:
-    """DPO / IPO: the no-grad reference forward's transient and what it sits on (the step peak is
-    the larger of the training forward + backward's peak and held + transient)."""
+def _logits(plan: Any) -> str:
+    """The float32 logits ``sequence_logps`` holds at once: one chunk, or every position."""
+    if not plan.logits_f32:
+        return "-"
+    rows = plan.batch_size * plan.rows_per_example
+    whole = plan.logits_positions >= rows * plan.seq_len
+    return f"{size(plan.logits_f32)} ({'every' if whole else 'a chunk of'} {plan.logits_positions} positions)"
+
+
+def _reference_rows(row: Any, plans: list[Any], gc: bool, suffix: str, with_kl: bool) -> None:
+    """The step's phases: KTO's KL pass before the training forward (no grad), the training
+    forward + backward, the no-grad reference forward's transient and what it sits on; the step
+    peak is the largest (``ReferenceParts.peak``)."""
 
     def cells(fn: Any) -> list[str]:
         return ["-" if p.reference is None else fn(p.reference[gc]) for p in plans]
 
+    if with_kl:
+        kl = ["-" if p.reference is None or not p.kl_rows else size(p.reference[gc].prepare) for p in plans]
+        row(f"KL rows pass before forward (no grad){suffix}", kl)
     row(f"training forward + backward peak{suffix}", cells(lambda r: size(r.train)))
     row(
         f"reference forward (no grad): transient + held{suffix}",
@@ -268,14 +286,18 @@ FOOTER = (
 
 
 PAIRS_FOOTER = (
-    "Preference objectives: trainer.batch_size counts pairs, each 2 rows (chosen, rejected) of up to "
-    "dataset.max_length tokens. Their loss (lrft.objectives.preference.sequence_logps) is counted as "
-    "its code allocates it: unchunked, the whole logits, a float32 copy and its float32 log-softmax "
-    "(kept for backward); the logits row is one full float32 copy, for scale. DPO and IPO then run "
-    "a reference forward of the same rows without gradients (the "
-    "adapters switched off): it keeps nothing, but its transient (one block's working set, its own "
-    "logits and log-softmax) comes on top of what the training forward still holds, so step peak = "
-    "max(training forward + backward peak, held + transient)."
+    "Preference objectives: trainer.batch_size counts pairs, each 2 rows (chosen, rejected), or for "
+    "KTO labelled examples, each 1 row plus 1 mismatched KL row, every row up to dataset.max_length "
+    "tokens. Their log-probs (lrft.objectives.preference.sequence_logps) are counted as the code "
+    "allocates them: the head projects trainer.loss_chunk positions at a time, each chunk "
+    "checkpointed, so forward keeps per-position log-probs and backward recomputes one chunk's "
+    "logits (their float32 copy and log-softmax) at a time; the logits row is the float32 logits "
+    "held at once (every position with loss_chunk=0, also the full-logits step row). DPO, IPO and "
+    "KTO run a reference forward of the training rows without gradients (the adapters switched "
+    "off): it keeps nothing, but its transient (one block's working set, one chunk of logits) comes "
+    "on top of what the training forward still holds. KTO first scores every micro-batch's KL rows "
+    "without gradients (policy, then reference), before the training forward: nothing is held "
+    "beneath it. step peak = max(KL pass, training forward + backward peak, held + transient)."
 )
 
 

@@ -197,8 +197,9 @@ def apply_plan(cfg: Any, engine: Any) -> tuple[Any, dict[str, Any] | None]:
     the CUDA device's memory: the config the run trains with, and the plan for run_info.json.
     Every process plans alike (the planner is deterministic), so all of them agree.
 
-    A preference objective's micro-batch counts pairs (2 rows each, :mod:`lrft.memory.preference`),
-    so the accumulation keeps the global batch of pairs."""
+    A preference objective's micro-batch counts pairs (2 rows each) or KTO's labelled examples (1
+    row + 1 KL row, :mod:`lrft.memory.preference`), so the accumulation keeps the global batch of
+    them."""
     from types import SimpleNamespace
 
     from lrft.memory.plan import Planner, optimizer_state_bytes
@@ -242,10 +243,11 @@ def apply_plan(cfg: Any, engine: Any) -> tuple[Any, dict[str, Any] | None]:
     fixed = None if whole else int(t.batch_size)
     choice = choose(planner, resident, view.gradients, int(budget_gb * GIB), g, batch_size=fixed)
     if choice is None:
+        unit = f" {planner.pairs.unit[:-1]}(s)" if planner.pairs else ""  # pair(s), example(s)
         smallest = Chooser(planner, resident, view.gradients, 0).total(1, planner.n_blocks, whole)
         raise UserError(
             f"{what}: nothing fits in memory.budget_gb={budget_gb:.2f} GiB. The smallest plan "
-            f"(micro-batch {1 if whole else fixed}{' pair(s)' if planner.pairs else ''}, every block "
+            f"(micro-batch {1 if whole else fixed}{unit}, every block "
             "checkpointed"
             f"{', offloaded' if whole else ''}) needs {smallest / GIB:.2f} GiB. Raise the budget, or "
             "save memory elsewhere: quantization=nf4, method=lora_fa, a shorter dataset.max_length."

@@ -14,17 +14,16 @@ would allocate is counted exactly, not estimated from formulas:
   state layout (AdamW, SGD momentum, bitsandbytes 8-bit AdamW, GaLore's projected moments).
 
 bitsandbytes cannot run on meta, so a quantized base runs with its compute-dtype shapes and its
-storage is counted analytically (NF4/FP4: half a byte per weight plus block scales; int8: a byte
-plus one float32 scale per row). int8 matmuls keep their input outside ``save_for_backward``; a
-hook adds it. A preference objective's step (2 rows a pair, DPO's reference forward) is its own
-code run on meta (:mod:`lrft.memory.preference`). Not modelled: the CUDA context, allocator
-rounding and fragmentation, kernel workspaces, the optimizer step's temporaries, autocast's casts
-of a float32 model, padding.
+storage is counted analytically (:mod:`lrft.memory.state`, with the optimizer's state). int8
+matmuls keep their input outside ``save_for_backward``; a hook adds it. A preference objective's
+step (2 rows a pair or 1 row plus a KL row, the reference forward, KTO's KL pass, log-probs in
+chunks of logits) is its own code run on meta (:mod:`lrft.memory.preference`). Not modelled: the
+CUDA context, allocator rounding and fragmentation, kernel workspaces, the optimizer step's
+temporaries, autocast's casts of a float32 model, padding.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,101 +43,17 @@ from lrft.memory.preference import (
     pair_loss,
     pair_step,
 )
+from lrft.memory.state import (
+    dtype_name,
+    optimizer_kind,
+    optimizer_state_bytes,
+    quantized_bytes,
+    quantized_linears,
+)
 from lrft.model.activations import Offloader, blocks, checkpoint_blocks, offload_blocks, resolve_count
 from lrft.model.loss import loss_sum
 from lrft.model.meta import GLUE_TARGET_TOKENS, build_meta_model, resolve_config
 from lrft.optim import build_optimizer
-from lrft.schema import GALORE_OPTIMIZER
-
-
-def quantized_bytes(scheme: str, weight: torch.Tensor, double_quant: bool) -> int:
-    """Storage of one bitsandbytes-quantized weight (d, k), scales and code tables included."""
-    n = weight.numel()
-    if scheme == "int8":
-        return n + 4 * weight.shape[0]  # int8 values + one float32 scale (SCB) per output row
-    blocks = math.ceil(n / 64)  # 4-bit: blocks of 64 share an absmax scale
-    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 if double_quant else 4 * blocks
-    return math.ceil(n / 2) + scales + 4 * 16  # two weights a byte, scales, the 16-value code
-
-
-def _quantized_linears(model: nn.Module, mcfg: Any, qcfg: Any) -> dict[int, nn.Linear]:
-    """The linear layers bitsandbytes would quantize (everything but the skipped heads)."""
-    if qcfg.name == "none":
-        return {}
-    from lrft.model.quantization import skip_modules
-
-    try:
-        from transformers.quantizers.quantizers_utils import should_convert_module
-    except ImportError:  # older transformers matched by name suffix
-
-        def should_convert_module(name: str, patterns: list[str]) -> bool:
-            return not any(name == p or name.endswith("." + p) for p in patterns)
-
-    skip = skip_modules(mcfg)
-    return {
-        id(m): m
-        for name, m in model.named_modules()
-        if type(m) is nn.Linear and should_convert_module(name, skip)
-    }
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
-    """The optimizer's config name, from the object a method built (GaLore swaps AdamW for its own)."""
-    from lrft.optim import GaLoreAdamW
-
-    if isinstance(optimizer, GaLoreAdamW):
-        return "galore_adamw8bit" if optimizer.eight_bit else "galore_adamw"
-    if isinstance(optimizer, torch.optim.SGD):
-        return "sgd"
-    if isinstance(optimizer, torch.optim.AdamW):
-        return "adamw"
-    if type(optimizer).__name__ == "AdamW8bit":  # bitsandbytes, imported only when used
-        return "adamw8bit"
-    raise UserError(f"lrft memory has no state layout for {type(optimizer).__name__}.")
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of ``optimizer``'s state once every trainable parameter has taken a step.
-
-    Counted from the parameter groups and each optimizer's layout: torch AdamW two moments in the
-    parameter's dtype (its 0-d step counters live on the CPU), SGD one momentum buffer, bitsandbytes
-    8-bit AdamW one byte per moment value plus a float32 absmax per 256 (float32 moments for tensors
-    under 4096 values), GaLore (lrft.optim) float32 moments of the projected gradient plus the
-    projection, or 8-bit moments (same blocks) for galore_adamw8bit.
-    """
-    from lrft.optim import _side
-
-    name = optimizer_kind(optimizer)
-    total = 0
-    qmaps = False
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not p.requires_grad:
-                continue
-            n, size = p.numel(), p.element_size()
-            if name == "sgd":
-                total += n * size if group.get("momentum", 0) else 0
-            elif name == "adamw":
-                total += 2 * n * size
-            elif name == "adamw8bit":
-                qmaps = qmaps or n >= 4096
-                total += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n
-            elif name in GALORE_OPTIMIZER.values():
-                moments = n
-                if "rank" in group and p.ndim == 2:
-                    m, k = p.shape
-                    r = min(group["rank"], m, k)
-                    left = _side(p.shape, group["proj_type"]) == "left"
-                    moments = r * k if left else m * r
-                    total += 4 * (m * r if left else r * k)  # the projection, float32
-                eight = name.endswith("8bit") and moments >= getattr(optimizer, "min_8bit_size", 4096)
-                # 8-bit: codes + float32 absmax per 256 + the int64 shape tensor, for each moment
-                total += 2 * (moments + 4 * math.ceil(moments / 256) + 16) if eight else 8 * moments
-    return total + (2 * 256 * 4 if qmaps else 0)  # bitsandbytes' two shared 256-value code maps
 
 
 @dataclass
@@ -153,11 +68,14 @@ class Plan:
     loss is chunked, else None). ``offload_peak``: every block checkpointed and offloaded
     (``trainer.offload_activations=true``, else None).
 
-    A preference objective: ``batch_size`` counts pairs, ``rows_per_example`` = 2 (chosen +
-    rejected rows), ``logits_f32`` is one float32 (2B, T - 1, V) buffer of ``sequence_logps``;
-    ``reference`` splits each peak around the no-grad reference forward (DPO, IPO; see
-    :class:`lrft.memory.preference.ReferenceParts`), ``reference_refused`` says why lrft refuses a
-    reference that would need a copy of ``reference_copy`` bytes (not in the totals: none is made).
+    A preference objective: ``batch_size`` counts pairs (``rows_per_example`` = 2: chosen +
+    rejected rows) or labelled examples (1 row, plus ``kl_rows`` = 1 mismatched KL row: KTO);
+    ``logits_f32`` is the float32 logits ``sequence_logps`` holds at once: ``logits_positions``
+    positions x V (one chunk of ``trainer.loss_chunk``; every position with loss_chunk=0);
+    ``reference`` splits each peak into its phases (the KL pass, training, the no-grad reference
+    forward; see :class:`lrft.memory.preference.ReferenceParts`), ``reference_refused`` says why
+    lrft refuses a reference that would need a copy of ``reference_copy`` bytes (not in the
+    totals: none is made).
     """
 
     label: str
@@ -178,6 +96,8 @@ class Plan:
     choice: Any = None  # budget: the fastest plan that fits (lrft.memory.choose.Choice)
     objective: str = "sft"
     rows_per_example: int = 1
+    kl_rows: int = 0
+    logits_positions: int = 0
     logits_f32: int = 0
     reference: dict[bool, ReferenceParts] | None = None
     reference_refused: str | None = None
@@ -204,11 +124,11 @@ class Planner:
         self.hf_config, self.config_source = resolve_config(mcfg, self.num_labels)
         self.notes: list[str] = []
         self.model = self._build_and_apply()
-        self.pairs = pair_step(cfg, self.model)  # None: sft
+        self.pairs = pair_step(cfg, self.model)  # None: sft; pairs or KTO's labelled rows
         self.reference_parts: dict[tuple[int, bool | int, bool], ReferenceParts] = {}
         if self.pairs is not None:
             self.notes.append(self.pairs.note)
-        linears = _quantized_linears(self.model, mcfg, qcfg)
+        linears = quantized_linears(self.model, mcfg, qcfg)
         self.quantized = {id(m.weight): m for m in linears.values()}
         self.int8 = [m for m in linears.values() if qcfg.name == "int8"]
         groups = self.method.param_groups(self.model, cfg.optimizer.weight_decay)
@@ -246,7 +166,7 @@ class Planner:
         cfg, task = self.cfg, self.cfg.model.task
         length = int(cfg.dataset.max_length)
         if self.pairs is not None:
-            return pair_batch(self.pairs.rows_per_example * batch_size, length)
+            return pair_batch(self.pairs, batch_size, length)
         ids = torch.zeros(batch_size, length, dtype=torch.long, device="meta")
         if task == "causal":
             return {"input_ids": ids, "labels": ids}
@@ -278,9 +198,10 @@ class Planner:
 
     def loss(self, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
         """The loss as the training step computes it: a causal LM's in chunks of logits, a
-        preference objective's by its own ``loss_terms`` (full logits, reference forward)."""
+        preference objective's by its own ``prepare`` and ``loss_terms`` (chunked log-probs,
+        reference forward)."""
         if self.pairs is not None:
-            return pair_loss(self.pairs, self.model, batch)
+            return pair_loss(self.pairs, self.model, batch, chunk)
         if self.cfg.model.task == "causal":
             return loss_sum(self.model, batch, "causal", chunk=self.chunk if chunk is None else chunk)
         return self.model(**batch).loss
@@ -317,7 +238,8 @@ class Planner:
             off = Offloader(model, to_host=_shape_of, to_device=_empty_from, min_bytes=0, stay_on=())
             handles += offload_blocks(model, off)
         try:
-            with meta_forward(), LiveBytes(model) as live, ReferencePhase(live) as phase:
+            objective = self.pairs.objective if self.pairs is not None else None
+            with meta_forward(), LiveBytes(model) as live, ReferencePhase(live, objective) as phase:
                 self.loss(batch, chunk).backward()
         finally:
             checkpoint_blocks(model, 0)
@@ -326,7 +248,8 @@ class Planner:
             for p in model.parameters():
                 p.grad = None
         # the reference forward's transient sits on what the training forward holds (0 without one)
-        self.reference_parts[(batch_size, checkpointing, offload)] = phase.parts
+        if chunk is None:  # the config's loss_chunk: the split the table shows
+            self.reference_parts[(batch_size, checkpointing, offload)] = phase.parts
         return phase.parts.peak
 
     def weights(self) -> dict[str, int]:
@@ -338,7 +261,7 @@ class Planner:
             else:
                 role = "base" if id(p) in self.base_params else "adapter"
                 state = "trainable" if p.requires_grad else "frozen"
-                out[f"{role} {state} {_dtype_name(p.dtype)}"] += p.numel() * p.element_size()
+                out[f"{role} {state} {dtype_name(p.dtype)}"] += p.numel() * p.element_size()
         buffers = sum(b.numel() * b.element_size() for b in self.model.buffers())
         if buffers:
             out["buffers"] += buffers
@@ -366,12 +289,12 @@ class Planner:
         batch_size = batch_size or int(self.cfg.trainer.batch_size)
         params = list(self.model.parameters())
         gradients = self.gradients()
-        chunked = self.cfg.model.task == "causal" and self.chunk != 0 and self.pairs is None
+        # the full-logits row: wherever a chunk setting applies (the token loss, sequence_logps)
+        chunked = self.cfg.model.task == "causal" and self.chunk != 0
         offload = bool(self.cfg.trainer.get("offload_activations"))
         peak = {gc: self.step_peak(batch_size, gc) for gc in (False, True)}
-        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
         length = int(self.cfg.dataset.max_length)
-        pairs = pair_fields(self.pairs, self.reference_parts, batch_size, length, vocab)
+        pairs = pair_fields(self.pairs, self.reference_parts, batch_size, length, self.model)
         return Plan(
             label=str(self.cfg.method.name),
             batch_size=batch_size,
