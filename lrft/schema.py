@@ -179,6 +179,16 @@ class BudgetConfig:
 
 
 @dataclass
+class StartFrom:
+    """Set by ``lrft train checkpoint=RUN`` (lrft.run.start_from), never by hand: the finished
+    run this run starts from, its final model merged into this run's ``base/``."""
+
+    run: str | None = None  # the finished run folder the start was merged from
+    step: int | None = None  # that run's final step
+    fingerprint: str | None = None  # sha256 of its final state: a later change to it is caught
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     method: Any = MISSING  # the method's own schema (see lrft.methods.registry)
@@ -188,6 +198,7 @@ class TrainConfig:
     dataset: DatasetConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     memory: BudgetConfig = field(default_factory=BudgetConfig)
+    start_from: StartFrom = field(default_factory=StartFrom)  # lrft train checkpoint=RUN
     output_dir: str = MISSING
 
 

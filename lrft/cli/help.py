@@ -188,6 +188,11 @@ def print_train_help() -> None:
         + "Each group's keys: `lrft train --cfg job` prints them all, e.g. method.r, method.alpha,\n"
         "method.dropout, method.target_modules, optimizer.lr, dataset.data_files.train, model.name_or_path.\n"
         "Resume a stopped run with `lrft train output_dir=RUN trainer.resume=auto` (its own config).\n"
+        "Start from a finished run with `lrft train checkpoint=RUN ...`: RUN's final model MERGED (its\n"
+        "base with its adapter folded in, as lrft merge does) becomes the new run's base (OUTPUT/base)\n"
+        "and a fresh adapter trains on top; not a continuation. With adapters off the model is RUN's\n"
+        "model: the DPO/IPO/KTO reference. RUN's model settings are kept (model.dtype, target_modules\n"
+        "and quantization may be set).\n"
         "Global flags: -v/--verbose (or verbose=true) shows third-party progress bars and warnings.\n"
         "Hydra's own flags: --cfg job|hydra|all, -m/--multirun, --info, --hydra-help.\n\nexamples:",
         highlight=False,
@@ -217,6 +222,7 @@ EXAMPLES = """\
   lrft train model=tiny_roberta dataset=glue/sst2 dataset.data_files.train=train.jsonl \\
              dataset.data_files.validation=dev.jsonl
   lrft train model=hf model.name_or_path=DIR dataset=chat dataset.data_files.train=chats.jsonl
+  lrft train checkpoint=runs/SFT objective=dpo dataset=preference dataset.data_files.train=pairs.jsonl
   lrft generate checkpoint=runs/RUN prompt="Name three colors"
   lrft train -m method=lora,lora_fa method.r=4,8   sweep: one run folder per job
   lrft train model=llama7b --cfg job               print the composed config and exit"""

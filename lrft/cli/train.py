@@ -43,10 +43,13 @@ def train_cmd(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):  # Hydra's parser would cost its import
         print_train_help()
         return 0
+    from lrft.run.start_from import refuse_given, without
+
+    refuse_given(argv)  # start_from.* is checkpoint='s record, never typed
     if not any(a.startswith("-") for a in argv):
         from lrft.config.compose import quick_check
 
-        quick_check(argv)  # the common typos answer before Hydra is even imported
+        quick_check(without(argv))  # the common typos answer before Hydra is even imported
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_intermixed_args(argv)
@@ -63,6 +66,8 @@ def train_cmd(argv: list[str]) -> int:
     config = config if config.user_dir or config.name != "train" else _saved_source(overrides)
     source.use(replace(config, command=list(argv)))
     try:
+        if overrides != (started := _start_from(args, combos)):  # composes: after the source is known
+            overrides, combos = started, [started]
         return _launch(args, flags, overrides, combos)
     finally:
         source.use(source.Source())  # the next command in this process composes afresh
@@ -81,15 +86,52 @@ def _launch(args: Any, flags: list[str], overrides: list[str], combos: list[list
 
     launched_world()  # a half-launched process stops before it touches output_dir
     try:
+        _tidy_start(overrides)
         prepared = prepare(
             overrides, say=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True)
         )
         if prepared is None:
             return 0  # a finished run resumed: nothing left to do
-        compose(prepared)  # fail before any work, with did-you-mean
+        cfg = compose(prepared)  # fail before any work, with did-you-mean
+        from lrft.run.start_from import ensure_start
+
+        ensure_start(cfg, _say)  # checkpoint=RUN: the merged start in output_dir/base (once)
         return _run_hydra(_info_flag(flags), prepared)
     finally:
         unlock(overrides)  # the run is over: release output_dir (and tidy it if nothing was written)
+
+
+def _start_from(args: Any, combos: list[list[str]]) -> list[str]:
+    """``checkpoint=RUN`` (:mod:`lrft.run.start_from`): the run starts from RUN's final model
+    merged, not continued; translated into the overrides ``run_info.json`` then records."""
+    from lrft.run.start_from import requested, translate
+
+    overrides = list(args.overrides)
+    if requested(overrides) is None:
+        return overrides
+    if args.multirun:
+        raise UserError("checkpoint=RUN starts one run: launch each run of a sweep on its own (no -m).")
+    from lrft.config.compose import compose
+
+    return translate(overrides, compose)
+
+
+def _tidy_start(overrides: list[str]) -> None:
+    """A start merged into ``output_dir`` whose run never began is merged again (see
+    :func:`lrft.run.start_from.tidy_unstarted`); the folder is claimed first."""
+    from pathlib import Path
+
+    from lrft.run.folder import _override_value, claim
+
+    out = _override_value(overrides, "output_dir")
+    if out is None or _override_value(overrides, "start_from.run") is None:
+        return
+    folder = Path(out).expanduser().resolve()
+    if folder.is_dir():
+        from lrft.run.start_from import tidy_unstarted
+
+        claim(folder)
+        tidy_unstarted(folder)
 
 
 SOURCE_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
