@@ -187,13 +187,25 @@ def test_memory_plan_auto_picks_a_micro_batch_of_pairs(tmp_path):
     args = [*COMMON, *pairs(tmp_path), "objective=dpo", f"dataset.max_length={T}", "method.dropout=0.0",
             "trainer.batch_size=4", "trainer.grad_accum=1", "trainer.max_steps=1", f"output_dir={run}",
             "trainer.memory_plan=auto", f"memory.budget_gb={budget / (1 << 30)}"]  # fmt: skip
-    # compose + train: the CLI's quick key check does not know memory.* yet (lrft/config/compose.py)
-    train(compose(args), run)
+    assert main(["train", *args]) == 0  # the CLI's quick key check knows memory.budget_gb
     info = json.loads((run / "run_info.json").read_text())["memory_plan"]
     assert (info["batch_size"], info["grad_accum"], info["checkpointed"]) == (2, 2, 0)
     assert info["total"] == budget
     saved = OmegaConf.load(run / "config.yaml").trainer
     assert (saved.batch_size, saved.grad_accum) == (2, 2)
+
+
+def test_lrft_train_takes_memory_keys_and_names_lrft_memory_s_own(tmp_path, capsys):
+    """memory.budget_gb is a run's key (TrainConfig.memory, read by trainer.memory_plan=auto): the
+    quick key check passes it; lrft memory's job keys are refused naming the run's equivalent."""
+    base = [*COMMON, *pairs(tmp_path), "objective=orpo", f"output_dir={tmp_path / 'r'}"]
+    assert main(["train", *base, "memory.sharding=fsdp"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "'memory.sharding' is a key of lrft memory" in err and "trainer.sharding" in err
+    assert main(["train", *base, "memory.budget_g=8"]) == 2
+    assert "Did you mean: budget_gb?" in capsys.readouterr().err
+    assert main(["train", *base, "memory.budget_gb=0"]) == 2  # past the quick check: validate's own
+    assert "memory.budget_gb must be > 0" in capsys.readouterr().err
 
 
 def test_memory_plan_auto_picks_a_micro_batch_of_kto_examples(tmp_path):

@@ -21,7 +21,7 @@ from lrft.config import source
 from lrft.config.validate import validate
 from lrft.errors import UserError, did_you_mean
 from lrft.model.resolve import checkpoint_name
-from lrft.schema import GROUP_SCHEMAS, GROUPS, TrainConfig, TrainerConfig
+from lrft.schema import GROUP_SCHEMAS, GROUPS, BudgetConfig, TrainConfig, TrainerConfig
 
 
 def config_dir() -> Path:
@@ -168,7 +168,15 @@ def absolute_paths(cfg: DictConfig, base: Path | None = None) -> None:
 
 
 _SIMPLE = re.compile(r"^([A-Za-z_]\w*)((?:\.\w+)*)=([\w./-]*)$")
-TOP_KEYS = (*GROUPS, "trainer", "output_dir", "recipes")
+# the sections a command line may set (TrainConfig's, less start_from: checkpoint='s record);
+# ``memory``: memory.budget_gb, the budget trainer.memory_plan=auto plans for (lrft.memory.choose)
+TOP_KEYS = (*GROUPS, "trainer", "memory", "output_dir", "recipes")
+# lrft memory's own keys (lrft.cli.memory.MemorySection), named where lrft train is given one
+MEMORY_ONLY = {
+    "sharding": "a run's is trainer.sharding",
+    "nodes": "a run's come from the launcher",
+    "processes_per_node": "a run's come from the launcher",
+}
 
 
 def quick_check(overrides: list[str]) -> None:
@@ -191,7 +199,7 @@ def quick_check(overrides: list[str]) -> None:
             method = value if top == "method" else method
     if any(top == "recipes" for top, _, _ in parsed):
         return  # a recipe may switch the method: leave its keys to the full composition
-    schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig, method=METHODS[method].config)
+    schemas = dict(GROUP_SCHEMAS, trainer=TrainerConfig, memory=BudgetConfig, method=METHODS[method].config)
     for top, rest, _ in parsed:
         node: Any = schemas.get(top)
         parts = rest.split(".")[1:]
@@ -201,6 +209,12 @@ def quick_check(overrides: list[str]) -> None:
             by_name = {f.name: f for f in fields(node)}
             if part not in by_name:
                 dotted = ".".join([top, *parts[: depth + 1]])
+                if top == "memory" and depth == 0 and part in MEMORY_ONLY:
+                    raise UserError(
+                        f"'{dotted}' is a key of lrft memory (the job a plan is per device of), not "
+                        f"of lrft train: {MEMORY_ONLY[part]}. lrft train reads memory.budget_gb "
+                        "(trainer.memory_plan=auto) and memory.target_length."
+                    )
                 raise UserError(f"Unknown config key '{dotted}'.{did_you_mean(part, by_name)}")
             f = by_name[part]
             node = f.default_factory() if callable(f.default_factory) else None
