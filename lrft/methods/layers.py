@@ -228,7 +228,9 @@ class LowRankLinear(nn.Module):
         b0 = lora_b.detach().float().to(w.device)
         self.lora_A.copy_(a0)
         self.lora_B.copy_(b0)
-        self.lora_A0, self.lora_B0 = a0.clone(), b0.clone()
+        # laid out as the parameters: original() then multiplies the same bits the same way as
+        # the adapter at init, so π_ref equals the untrained policy exactly, not to matmul rounding
+        self.lora_A0, self.lora_B0 = self.lora_A.detach().clone(), self.lora_B.detach().clone()
         set_dense_weight(self.base_layer, w - self.scale * (b0 @ a0))
 
     @torch.no_grad()
