@@ -242,9 +242,7 @@ def test_chunked_sequence_logps_equal_the_full_logits(tmp_path, chunk):
         encode_rows(load_rows(cfg.dataset, "train")[:3], cfg.dataset, "causal", tok)
     )
     torch.manual_seed(0)
-    method = get_method("lora")(
-        OmegaConf.to_object(compose(["method=lora", "method.dropout=0.0"]).method)
-    )
+    method = get_method("lora")(OmegaConf.to_object(compose(["method=lora", "method.dropout=0.0"]).method))
     model = method.apply(
         load_model(cfg.model, None), {"target_modules": ["q_proj", "v_proj"], "modules_to_save": []}
     )

@@ -188,13 +188,14 @@ def test_kto_equals_trl_ktotrainer(seed=None):
     theirs = theirs[0] if isinstance(theirs, tuple) else theirs
     theirs.backward()
     prefix = "base_model.model."
-    want = {n.replace(prefix, "").replace(".default.weight", ""): p.grad
-            for n, p in trainer.model.named_parameters() if p.grad is not None and ".default" in n}  # fmt: skip
-    state = {n.replace(prefix, "").replace(".default.weight", ""): p.detach()
-             for n, p in trainer.model.named_parameters() if ".default" in n}  # fmt: skip
+    named = [(n.replace(prefix, "").replace(".default.weight", ""), p)
+             for n, p in trainer.model.named_parameters() if ".default" in n]  # fmt: skip
+    want = {n: p.grad for n, p in named if p.grad is not None}
+    state = {n: p.detach() for n, p in named}
     model, objective = lrft_model("kto", state)
-    batch = {"input_ids": IDS[:2], "attention_mask": MASK[:2], "labels": LABELS[:2], "kl_input_ids": IDS[2:],
-             "kl_attention_mask": MASK[2:], "kl_labels": LABELS[2:], "desirable": torch.tensor([1, 0])}  # fmt: skip
+    batch = {"input_ids": IDS[:2], "attention_mask": MASK[:2], "labels": LABELS[:2],
+             "kl_input_ids": IDS[2:], "kl_attention_mask": MASK[2:], "kl_labels": LABELS[2:],
+             "desirable": torch.tensor([1, 0])}  # fmt: skip
     objective.prepare(model, [batch], lambda x: x, lambda _b: nullcontext())
     assert objective.kl.item() > 0.05  # the anchor is live (not clamped to 0) on this batch
     terms, _ = objective.loss_terms(model, batch)
