@@ -265,3 +265,18 @@ def test_chunked_sequence_logps_equal_the_full_logits(tmp_path, chunk):
     assert (full - part).abs().max().item() < 1e-5 * full.abs().max().item()
     assert g0.keys() == g1.keys() and g0
     assert max(((g0[k] - g1[k]).abs().max() / g0[k].abs().max().clamp(min=1e-12)).item() for k in g0) < 1e-5
+
+
+def test_generate_prompts_a_preference_run_as_it_trained(tmp_path):
+    """lrft generate (and a merged folder's prompt_format) on a preference run: conversational pairs
+    were rendered with the chat template, text pairs were plain prompt + completion."""
+    from lrft.export.generate import run_prompt_format
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}],
+                                "chosen": [{"role": "assistant", "content": "HI"}],
+                                "rejected": [{"role": "assistant", "content": "no"}]}) + "\n")  # fmt: skip
+    for data, want in ((pairs(tmp_path), "plain"), ([f"dataset.data_files.train={chat}"], "chat")):
+        assert run_prompt_format(compose([*COMMON, "objective=dpo", *data])) == want
+    gone = compose([*COMMON, "objective=dpo", f"dataset.data_files.train={tmp_path / 'moved.jsonl'}"])
+    assert run_prompt_format(gone) == "plain"

@@ -172,7 +172,26 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 def run_prompt_format(run_cfg: Any) -> str:
     """The prompt format a run trained with: chat (its template), alpaca or plain."""
     d = run_cfg.dataset
+    if d.kind == "preference":
+        return _preference_format(d)
     return "chat" if d.kind == "chat" else str(getattr(d, "prompt_template", None) or "plain")
+
+
+def _preference_format(d: Any) -> str:
+    """Preference rows trained as prompt + completion text (plain: no template), or as messages
+    rendered with the chat template (chat); the training file's first row says which. A file that
+    is gone reads as plain."""
+    from lrft.data.files import iter_rows
+
+    files = (d.get("data_files") or {}).get("train") if hasattr(d, "get") else None
+    path = files if isinstance(files, str) or files is None else next(iter(files), None)
+    if not path:
+        return "plain"
+    try:
+        _number, row = next(iter(iter_rows(path)), (0, None))
+    except Exception:  # moved or unreadable: generation still works, plainly
+        return "plain"
+    return "chat" if isinstance(row, dict) and isinstance(row.get("prompt"), list) else "plain"
 
 
 def generation_defaults(model: nn.Module, tokenizer: Any) -> None:
