@@ -214,9 +214,12 @@ def check_objective(cfg: DictConfig) -> None:
         )
     if d.get("streaming") or d.get("mix"):
         raise UserError("preference data is read from files (dataset.data_files), not streamed or mixed yet.")
-    if t.get("sharding", "none") != "none":
+    if t.get("sharding", "none") != "none" and o.get("precompute_ref", False):
+        # the table is filled before sharding, when a sharded run's model lives on rank 0 alone
+        # (the other ranks hold it on the meta device until fully_shard: lrft.train.materialize)
         raise UserError(
-            "trainer.sharding=fsdp2 with a preference objective is not supported yet (its lockstep "
-            "evaluation pads with label-free batches that would count as pairs): train with plain "
-            "data parallel."
+            "objective.precompute_ref=true with trainer.sharding=fsdp2 is not supported yet: the "
+            "reference table is computed before the model is sharded, when only rank 0 holds its "
+            "weights. Drop objective.precompute_ref (the reference forward then runs in each step, "
+            "sharded like the rest), or train with plain data parallel."
         )

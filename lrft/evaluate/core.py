@@ -21,7 +21,7 @@ from lrft.evaluate import causal_glue
 from lrft.evaluate.glue import classification, generate_labels
 from lrft.evaluate.losses import token_loss
 from lrft.evaluate.scoring import OnBatch
-from lrft.evaluate.shard import Shard
+from lrft.evaluate.shard import FILLER, Shard
 
 
 def evaluate_model(
@@ -52,8 +52,9 @@ def evaluate_model(
     ``on_batch(examples_done)`` is called after each batch (``lrft eval``'s progress bar).
     With ``accelerator`` (several processes), each process scores every W-th batch and the tallies
     merge: every process returns the metrics of the whole set (see :mod:`lrft.evaluate.shard`).
-    ``lockstep`` (a sharded model, token-loss evaluation only): every process runs the same number
-    of forwards, padding with batches whose labels are all ignored.
+    ``lockstep`` (a sharded model; token losses and preference pairs, not GLUE): every process runs
+    the same number of forwards, padding with batches whose labels are all ignored (and that
+    preference metrics skip: see :data:`~lrft.evaluate.shard.FILLER`).
     The model is put in eval mode and its training mode restored afterwards.
     """
     was_training = model.training
@@ -121,7 +122,8 @@ def _batches(
     on_batch: OnBatch = None,
     shard: Shard | None = None,
 ) -> Iterator[tuple[dict[str, Any], list[Any] | None]]:
-    """(tensors on ``device``, the reference labels or None) for each of this process's batches."""
+    """(tensors on ``device``, the reference labels or None) for each of this process's batches,
+    then its lockstep fillers, whose second item is :data:`~lrft.evaluate.shard.FILLER`."""
     size = max(1, int(batch_size))
     starts = range(0, len(examples), size)
     for index, start in enumerate(starts):
@@ -138,4 +140,4 @@ def _batches(
         batch = collate(examples[:size])
         batch.pop("refs", None)
         batch["labels"] = torch.full_like(batch["labels"], -100)
-        yield {k: v.to(device) for k, v in batch.items()}, None
+        yield {k: v.to(device) for k, v in batch.items()}, FILLER

@@ -9,19 +9,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrft.evaluate.shard import FILLER
+
 
 def preference_metrics(
     model: nn.Module, batches: Iterable[tuple[dict[str, Any], Any]], objective: Any, merge: Any = None
 ) -> dict[str, float]:
     """``loss`` (each term averaged over its count, as in training) and ``rewards/*``,
     ``logps/*`` averaged over the pairs (KTO: over its good / bad examples); ``merge`` combines
-    every process's sums."""
+    every process's sums.
+
+    Lockstep fillers (a sharded model: :data:`~lrft.evaluate.shard.FILLER`) run every forward a
+    real batch runs, so each rank joins as many of FSDP2's all-gathers as the others, but add to no
+    sum: an objective counts pairs (examples), not label tokens, so a label-free batch would count."""
     from lrft.objectives.preference import average_metrics
 
-    batches = [batch for batch, _ in batches]  # held-out sets are small; KTO reads them twice
-    for batch in batches:
+    real: list[dict[str, Any]] = []
+    fillers: list[dict[str, Any]] = []
+    for batch, refs in batches:  # held-out sets are small; KTO reads them twice
         batch.pop("dropout_ids", None)
-    if batches or merge is not None:  # every process joins the reduction, also with no batch
+        (fillers if refs is FILLER else real).append(batch)
+
+    def no_key(_batch: dict[str, Any]) -> Any:
+        return nullcontext()
+
+    if real or fillers or merge is not None:  # every process joins the reduction, also with no batch
 
         def reduce(x: torch.Tensor) -> torch.Tensor:
             if merge is None:
@@ -29,11 +41,18 @@ def preference_metrics(
             _, total = merge(None, {str(i): v for i, v in enumerate(x.tolist())})
             return torch.tensor([total[str(i)] for i in range(len(x))], dtype=x.dtype, device=x.device)
 
-        objective.prepare(model, batches, reduce, lambda _batch: nullcontext())
+        if fillers:
+            # the fillers' share of a whole-set statistic (KTO's KL forwards) first, reduced nowhere:
+            # the real prepare below overwrites what it sets, and every rank has then run
+            # ceil(batches / W) batches' forwards before the one collective ``reduce`` (gather_object)
+            objective.prepare(model, fillers, lambda x: x, no_key)
+        objective.prepare(model, real, reduce, no_key)
     sums: dict[str, float] = {}
-    for batch in batches:
+    for batch, scored in [(b, True) for b in real] + [(b, False) for b in fillers]:
         with torch.no_grad():
             terms, metrics = objective.loss_terms(model, batch)
+        if not scored:  # its forwards ran, in step with the other ranks; it adds to no sum
+            continue
         counts = objective.counts(batch)
         for k, (term, count) in enumerate(zip(terms.tolist(), counts.tolist(), strict=True)):
             sums[f"term{k}"] = sums.get(f"term{k}", 0.0) + term

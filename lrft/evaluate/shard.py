@@ -7,6 +7,9 @@ matrices (exact), and concatenates STS-B's scores (Spearman and Pearson do not d
 ``lockstep`` (a sharded model, FSDP2: every forward is a collective, so every rank must run the
 same number of them): ranks left with one batch fewer run one more whose labels are all ignored
 (-100). A token loss counts no token of it, so the merged sums are those of the whole set.
+Preference objectives count pairs (or examples), not label tokens, so such a batch would count:
+it comes marked (:data:`FILLER` in place of its reference labels) and preference metrics run its
+forwards without adding it to any sum (:func:`lrft.evaluate.preference.preference_metrics`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Any
 from lrft.evaluate.metrics import GlueMeter
 
 Sums = dict[str, float]
+
+# the second item of a lockstep filler batch (where a real batch has its reference labels or None)
+FILLER = "lockstep-filler"
 
 
 class Shard:
@@ -43,10 +49,12 @@ class Shard:
         from accelerate.utils import gather_object
 
         parts = gather_object([(meter, sums)])
+        # the union of the keys: a rank that scored no batch (fewer batches than ranks, or only
+        # fillers) has no preference metric sums at all, and the others' must still add up
         merged: Sums = {k: 0.0 for k in sums}
         for _, part_sums in parts:
             for k, v in part_sums.items():
-                merged[k] += v
+                merged[k] = merged.get(k, 0.0) + v
         if meter is None:
             return None, merged
         total = GlueMeter(meter.spec.name)
