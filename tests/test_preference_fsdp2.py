@@ -19,7 +19,6 @@ from lrft.config.compose import compose
 from lrft.data.collate import Collator
 from lrft.data.encode import encode_rows
 from lrft.data.load import load_rows
-from lrft.errors import UserError
 from lrft.evaluate.preference import preference_metrics
 from lrft.evaluate.shard import FILLER
 from lrft.model.load import byte_tokenizer, load_model
@@ -118,16 +117,24 @@ def test_ranks_without_a_scored_batch_still_merge(monkeypatch):
         assert shard.merge(None, mine[1]) == (None, {"term0": 1.5, "count0": 2.0})
 
 
-def test_a_precomputed_reference_under_fsdp2_is_refused(monkeypatch):
-    """Refused by the config check (trainer.sharding=fsdp2), and by the engine when an accelerate
-    FSDP2 launch asks for the sharding instead (trainer.sharding=none)."""
-    import types
+def test_a_precomputed_reference_under_fsdp2_is_one_process_table(tmp_path):
+    """objective.precompute_ref=true with 2 sharded processes: the table is filled after
+    fully_shard, the ranks' reference forwards in lockstep (17 rows: rank 1 runs a filler batch),
+    and equals one process's table; the runs train the same adapters."""
+    from safetensors.torch import load_file
 
-    from lrft.train import sharding
+    from lrft.objectives.reference_cache import FILE
 
-    args = [*COMMON, "objective=dpo", "objective.precompute_ref=true", "dataset.data_files.train=x.jsonl"]
-    with pytest.raises(UserError, match="only rank 0 holds its"):
-        compose([*args, "trainer.sharding=fsdp2"])
-    engine = types.SimpleNamespace(distributed_type=types.SimpleNamespace(value="MULTI_CPU"))
-    with pytest.raises(UserError, match="only rank 0 holds its"):
-        sharding.refuse("fsdp2", compose(args), engine)
+    args = [*COMMON, *data(tmp_path, "dpo"), "objective=dpo", "objective.precompute_ref=true", *SGD,
+            "trainer.max_steps=2", "trainer.eval_every=0"]  # fmt: skip
+    args[args.index(next(a for a in args if a.startswith("dataset.data_files.train=")))] = (
+        f"dataset.data_files.train={pairs(tmp_path / 'heldout', 17)[0].split('=', 1)[1]}"
+    )
+    one = run(tmp_path, "one", [*args, "trainer.batch_size=4"])
+    sharded = tmp_path / "fsdp"
+    proc = torchrun([*args, *FSDP, f"output_dir={sharded}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = load_file(sharded / FILE)["ref_logps"]
+    assert table.shape == (17, 2) and (table < 0).all()
+    assert (table - load_file(tmp_path / "one" / FILE)["ref_logps"]).abs().max().item() < 1e-5
+    assert max_diff(final_state(sharded), one) < 1e-6

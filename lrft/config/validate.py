@@ -187,7 +187,7 @@ def check_objective(cfg: DictConfig) -> None:
     """A preference objective trains on preference pairs, and pairs need one (torch-free)."""
     from lrft.objectives.schemas import OBJECTIVES
 
-    o, d, t = cfg.get("objective"), cfg.dataset, cfg.trainer
+    o, d = cfg.get("objective"), cfg.dataset
     name = "sft" if o is None else o.name
     one_of("objective.name", name, tuple(OBJECTIVES))
     paired = OBJECTIVES[name].paired
@@ -214,12 +214,3 @@ def check_objective(cfg: DictConfig) -> None:
         )
     if d.get("streaming") or d.get("mix"):
         raise UserError("preference data is read from files (dataset.data_files), not streamed or mixed yet.")
-    if t.get("sharding", "none") != "none" and o.get("precompute_ref", False):
-        # the table is filled before sharding, when a sharded run's model lives on rank 0 alone
-        # (the other ranks hold it on the meta device until fully_shard: lrft.train.materialize)
-        raise UserError(
-            "objective.precompute_ref=true with trainer.sharding=fsdp2 is not supported yet: the "
-            "reference table is computed before the model is sharded, when only rank 0 holds its "
-            "weights. Drop objective.precompute_ref (the reference forward then runs in each step, "
-            "sharded like the rest), or train with plain data parallel."
-        )

@@ -12,7 +12,8 @@ pass over the training set (eval mode, ``no_grad``, adapters off) fills a table
 (float32, (N, 2), indexed by the example's position in the training data), written to
 ``RUN/ref_logps.safetensors``; a resumed run reads it back. The examples then carry their row
 (:class:`WithReference`, ``ref_logps`` in the batch) and the objectives use it instead of the
-forward. Processes split the pass (example e on rank e mod W) and sum their tables.
+forward. Processes split the pass (example e on rank e mod W, in lockstep: a sharded model's
+forward is a collective) and sum their tables.
 
 Eval mode: the reference is the model without dropout, the same on every pass; the base models
 lrft trains have no dropout of their own outside the low-rank layers (LLaMA-family attention
@@ -21,6 +22,7 @@ dropout 0), where precomputed and per-step references are equal.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -90,15 +92,20 @@ def reference_table(
     table = torch.zeros(n, 2, dtype=torch.float32, device=device)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, n, world))
+    # every rank runs the same number of forwards (a sharded model's forward is a collective): a
+    # rank with fewer examples runs filler batches and keeps nothing of them
+    passes = math.ceil(math.ceil(n / world) / BATCH)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), adapters_off(model):
-            for start in range(0, len(mine), BATCH):
-                index = mine[start : start + BATCH]
-                batch = collate([rows[i] for i in index])
-                batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                table[torch.tensor(index, device=device)] = objective.reference_logps(model, batch)
+            for k in range(passes):
+                index = mine[k * BATCH : (k + 1) * BATCH]
+                batch = collate([rows[i] for i in index or mine[:1] or [0]])
+                batch = {k_: v.to(device) for k_, v in batch.items() if isinstance(v, torch.Tensor)}
+                got = objective.reference_logps(model, batch)
+                if index:  # else a filler: its forwards only keep the ranks in step
+                    table[torch.tensor(index, device=device)] = got.float()
     finally:
         model.train(was_training)
     if world > 1:

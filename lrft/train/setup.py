@@ -138,18 +138,19 @@ def setup(cfg: DictConfig, run_dir: Path, engine: Engine) -> Setup:
         from lrft.objectives.preference import check_reference
 
         check_reference(model)
-        if getattr(objective.cfg, "precompute_ref", False) and not streaming:
-            from lrft.objectives.reference_cache import WithReference, reference_table
-
-            collate = Collator(tokenizer, task)
-            table = reference_table(model, objective, train_ex, collate, acc, run_dir)
-            train_ex = WithReference(train_ex, table)
     n_train, n_total = count_parameters(model)  # before sharding: whole counts
     if engine.sharded:  # before compile and before the optimizer, which must hold the sharded parameters
         model = sharding.shard(model, acc)
         if handover is not None:
             materialize.fill(model, full_state, acc)  # rank 0's weights into every shard
             del full_state
+    if objective is not None and getattr(objective.cfg, "precompute_ref", False) and not streaming:
+        # after sharding: every rank then holds its shard (before it, a sharded run's model lives on
+        # rank 0 alone), and the ranks run their reference forwards in lockstep
+        from lrft.objectives.reference_cache import WithReference, reference_table
+
+        table = reference_table(model, objective, train_ex, Collator(tokenizer, task), acc, run_dir)
+        train_ex = WithReference(train_ex, table)
     if t.compile:
         # in place, after the method (its layers compile with the rest): the module, its parameter
         # names and so checkpoints stay those of the eager model

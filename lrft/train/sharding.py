@@ -78,17 +78,6 @@ def refuse(mode: str, cfg: Any, accelerator: Any) -> None:
             "data parallel (the 4-bit base of a 7B model is ~3.9 GB per GPU), or shard an unquantized "
             "base (model.dtype=bfloat16)."
         )
-    objective = cfg.get("objective")
-    if objective is not None and objective.get("precompute_ref", False):
-        # config validation refuses trainer.sharding=fsdp2 with it; an accelerate FSDP launch with
-        # trainer.sharding=none arrives here: the table is filled before fully_shard, when the
-        # other ranks hold the model on the meta device (lrft.train.materialize)
-        raise UserError(
-            "objective.precompute_ref=true with FSDP2 sharding is not supported yet: the reference "
-            "table is computed before the model is sharded, when only rank 0 holds its weights. Drop "
-            "objective.precompute_ref (the reference forward then runs in each step, sharded like the "
-            "rest), or train with plain data parallel."
-        )
     if accelerator.mixed_precision == "fp16":
         raise UserError(
             "fp16 with trainer.sharding=fsdp2: each process would see only its shard's overflow and "
