@@ -229,3 +229,18 @@ def test_memory_plan_auto_refuses_a_reference_copy(tmp_path):
                    f"dataset.max_length={T}", "memory.budget_gb=8", f"output_dir={run}"])  # fmt: skip
     with pytest.raises(UserError, match="objective=orpo or objective=simpo"):
         train(cfg, run)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_precomputed_reference_plans_no_reference_forward(objective):
+    """objective.precompute_ref=true: the batch carries π_ref (``ref_logps``), so the step runs no
+    reference forward; its plan is the reference-free one and the note says why."""
+    b = 2
+    per_step = planner_for(objective)
+    cached = planner_for(objective, "objective.precompute_ref=true")
+    assert cached.pairs.precomputed and not cached.pairs.reference
+    assert "precomputed" in cached.pairs.note
+    for gc in (False, True):  # never more, but for the batch's own (B, 2) float32 table rows
+        assert cached.step_peak(b, gc) <= per_step.step_peak(b, gc) + b * 2 * 4
+    if objective == "dpo":  # no reference phase is planned: the step is ORPO-shaped
+        assert cached.plan(b).reference is None and per_step.plan(b).reference is not None

@@ -88,6 +88,7 @@ class PreferenceStep:
     kl_rows: int = 0  # mismatched rows per example scored by ``prepare`` (KTO)
     refused: str | None = None
     copy_bytes: int = 0
+    precomputed: bool = False  # objective.precompute_ref: the batch carries π_ref, no reference forward
 
     @property
     def unit(self) -> str:
@@ -111,7 +112,8 @@ class PreferenceStep:
             )
         else:
             shape = "trainer.batch_size counts pairs, 2 rows each (chosen, rejected)"
-        return f"objective={self.name}: {shape}; each row <= dataset.max_length; {logits}."
+        ref = "; reference log-probs precomputed (no reference forward)" if self.precomputed else ""
+        return f"objective={self.name}: {shape}; each row <= dataset.max_length; {logits}{ref}."
 
 
 def pair_step(cfg: DictConfig, model: nn.Module) -> PreferenceStep | None:
@@ -142,7 +144,9 @@ def pair_step(cfg: DictConfig, model: nn.Module) -> PreferenceStep | None:
             f"completions (with KL rows), and objective={name}'s step is neither: it is not planned "
             "yet. Plan objective=dpo or objective=kto at the same batch for an estimate."
         )
-    if step.reference:
+    if getattr(objective.cfg, "precompute_ref", False):  # the table replaces the step's forward
+        step.reference, step.precomputed = False, True
+    if spec.reference:
         try:
             check_reference(model)
         except UserError:
@@ -173,6 +177,8 @@ def pair_batch(step: PreferenceStep, batch_size: int, length: int) -> dict[str, 
         kl = _rows(step.kl_rows * batch_size, length)
         batch.update(kl_input_ids=kl, kl_attention_mask=torch.ones_like(kl), kl_labels=kl)
         batch["desirable"] = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    if step.precomputed:  # (B, 2) float32 per example, as the collator adds it
+        batch["ref_logps"] = torch.zeros(batch_size, 2, device="meta")
     return batch
 
 
