@@ -142,6 +142,12 @@ class TrainerConfig:
     # causal LMs: the loss computes the logits this many positions at a time (their gradients too),
     # never the whole [tokens x vocab] (lrft.model.loss); 0: from the full logits
     loss_chunk: Any = "auto"  # positions per chunk of logits | 0 (full logits) | auto
+    # processes that read and collate batches while the device computes: auto = 0 on CPU (the cores
+    # train), min(4, cores/2) on a GPU; batches are pinned and copied without a sync on CUDA
+    dataloader_workers: Any = "auto"  # auto | N
+    # fp32 matmuls on CUDA may use TF32 tensor cores (torch "high" precision): RoBERTa/T5 recipes
+    # train fp32; no effect on CPU or under bf16/fp16 autocast
+    allow_tf32: bool = True
     max_grad_norm: float = 1.0  # 0 disables clipping
     lr_scheduler: str = "linear"  # linear | cosine | constant
     warmup_steps: int = 0  # linear warmup steps (wins over warmup_ratio)

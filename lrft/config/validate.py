@@ -55,6 +55,9 @@ def validate(cfg: DictConfig) -> None:
         one_of("trainer.mixed_precision", t.mixed_precision, PRECISIONS)
     one_of("trainer.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
     one_of("trainer.on_nan", t.on_nan, ON_NAN)
+    workers = t.get("dataloader_workers", "auto")
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise UserError(f"trainer.dataloader_workers must be auto or an integer >= 0, got {workers!r}.")
     one_of("trainer.sharding", t.get("sharding", "none"), SHARDINGS)
     one_of("trainer.compile_backend", t.get("compile_backend", "inductor"), COMPILE_BACKENDS)
     one_of("trainer.dropout_kernel", t.get("dropout_kernel", "auto"), DROPOUT_KERNELS)

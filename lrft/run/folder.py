@@ -66,6 +66,8 @@ HARMLESS_TRAINER = (
     "verbose",
     "cpu",
     "gradient_checkpointing",
+    "dataloader_workers",
+    "allow_tf32",
 )
 NOT_COMPARED = ("output_dir",)
 

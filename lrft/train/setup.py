@@ -155,7 +155,9 @@ def setup(cfg: DictConfig, run_dir: Path, engine: Engine) -> Setup:
         # in place, after the method (its layers compile with the rest): the module, its parameter
         # names and so checkpoints stay those of the eager model
         model.compile(backend=t.compile_backend)
-    loader, sampler = _loader(cfg, model, tokenizer, train_ex, streaming)
+    loader, sampler = _loader(cfg, model, tokenizer, train_ex, streaming, acc.device)
+    if acc.device.type == "cuda" and t.get("allow_tf32", True):
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
 
     groups = method.param_groups(model, cfg.optimizer.weight_decay)
     optimizer = build_optimizer(groups, cfg.optimizer, in_backward=method.updates_in_backward)
@@ -216,7 +218,7 @@ def _for_training(model: nn.Module, t: Any) -> None:
 
 
 def _loader(
-    cfg: DictConfig, model: nn.Module, tokenizer: Any, train_ex: Any, streaming: bool
+    cfg: DictConfig, model: nn.Module, tokenizer: Any, train_ex: Any, streaming: bool, device: torch.device
 ) -> tuple[Any, Any]:
     """The training DataLoader and its sampler (None for streamed data)."""
     from torch.utils.data import DataLoader
@@ -237,7 +239,9 @@ def _loader(
             mask=MASK_STYLES.get(attn) if t.compile else None,
         )
     if streaming:  # read as it comes: no sampler, resume skips the batches already seen
-        return DataLoader(rows, batch_size=t.batch_size, collate_fn=collate), None
+        return DataLoader(
+            rows, batch_size=t.batch_size, collate_fn=collate, pin_memory=device.type == "cuda"
+        ), None
     if t.group_by_length:
         sampler: Any = LengthGroupedSampler([len(r["input_ids"]) for r in rows], t.batch_size, t.seed)
     else:
@@ -246,8 +250,21 @@ def _loader(
         rows = WithIds(rows)
     # its own generator: creating an iterator then draws no number from the global RNG (dropout)
     gen = torch.Generator().manual_seed(t.seed)
-    loader = DataLoader(rows, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, generator=gen)
+    loader = DataLoader(rows, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, generator=gen,
+                        **loader_options(t, device))  # fmt: skip
     return loader, sampler
+
+
+def loader_options(t: Any, device: torch.device) -> dict[str, Any]:
+    """Workers and pinned memory for the training loader. The order of batches, and so the run, is
+    the sampler's alone: workers only prepare them ahead (tests/test_loader_workers.py)."""
+    import os
+
+    workers = t.get("dataloader_workers", "auto")
+    cuda = device.type == "cuda"
+    if workers == "auto":
+        workers = min(4, (os.cpu_count() or 2) // 2) if cuda else 0
+    return {"num_workers": int(workers), "pin_memory": cuda, "persistent_workers": int(workers) > 0}
 
 
 def _load_and_apply(
