@@ -190,13 +190,14 @@ def batch_token_stats(
     real / step time.
     """
     ids = batch["input_ids"]
-    numel = torch.tensor(ids.numel(), device=ids.device)
+    # torch.full writes the value on the device; torch.tensor(int, device=cuda) is a blocking copy
+    numel = torch.full((), ids.numel(), dtype=torch.long, device=ids.device)
     mask = batch.get("attention_mask")
     labels = batch.get("labels")
     if mask is not None and mask.dim() == 2:  # a 4D mask is packing's block mask, not padding
         real = mask.sum()
     elif labels is not None and labels.shape == ids.shape:
-        pad = ids[:, -1:] if pad_id is None else torch.tensor(pad_id, device=ids.device)
+        pad = ids[:, -1:] if pad_id is None else pad_id  # a Python scalar: no copy
         padding = (ids == pad) & (labels == IGNORE_INDEX)
         tail = padding.flip(-1).to(torch.int32).cumprod(-1).sum()  # trailing run, per row, summed
         real = numel - tail

@@ -43,7 +43,8 @@ def loss_count(batch: dict[str, Any], task: str) -> torch.Tensor:
     """How many terms the loss of ``batch`` sums: predicted label tokens, or examples."""
     labels = batch["labels"]
     if task == "classification":
-        return torch.tensor(labels.shape[0], device=labels.device)
+        # on the device, without the host-to-device copy torch.tensor(int, device=cuda) makes
+        return torch.full((), labels.shape[0], dtype=torch.long, device=labels.device)
     if task == "causal":  # the first position predicts nothing: labels shift left by one
         labels = labels[:, 1:]
     return (labels != IGNORE_INDEX).sum()

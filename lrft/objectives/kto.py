@@ -54,7 +54,8 @@ class KTO(PreferenceObjective):
         return ("examples",)
 
     def counts(self, batch: dict[str, Any]) -> torch.Tensor:
-        return torch.tensor([batch["input_ids"].shape[0]], device=batch["input_ids"].device)
+        ids = batch["input_ids"]  # torch.full: no host-to-device copy (torch.tensor(list) makes one)
+        return torch.full((1,), ids.shape[0], dtype=torch.long, device=ids.device)
 
     def prepare(
         self, model: nn.Module, window: Sequence[dict[str, Any]], reduce: Reduce, context: Context
@@ -71,8 +72,8 @@ class KTO(PreferenceObjective):
                     else:
                         with adapters_off(model):
                             ref, _ = sequence_logps(model, rows, self.chunk)
-                n = torch.tensor(len(policy), device=device)
-                total += torch.stack([(policy - ref).double().sum(), n])
+                total[0] += (policy - ref).double().sum()
+                total[1] += len(policy)  # a Python scalar: no host-to-device copy
         total = reduce(total)
         self.kl = (total[0] / total[1].clamp(min=1)).clamp(min=0).float()
 

@@ -219,7 +219,8 @@ class PairObjective(PreferenceObjective):
         rows = batch["input_ids"].shape[0]
         labels = batch["labels"][: rows // 2, 1:]
         by = {
-            "pairs": torch.tensor(rows // 2, device=labels.device),
+            # torch.full: no host-to-device copy per micro-batch (torch.tensor(int) would make one)
+            "pairs": torch.full((), rows // 2, dtype=torch.long, device=labels.device),
             "chosen_tokens": (labels != IGNORE_INDEX).sum(),
         }
         return torch.stack([by[d] for d in self.denominators()])
