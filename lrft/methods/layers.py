@@ -90,7 +90,9 @@ class LowRankFn(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = g2.t() @ xa2
             if ctx.grad_proj is not None:  # (r, r), see LowRankLinear.project_grad
-                grad_b = grad_b @ ctx.grad_proj.to(grad_b.dtype)
+                # applied in float32: rounding the inverse to bf16 (autocast's compute dtype)
+                # would put ~3 significant digits of error into every projected update
+                grad_b = grad_b.float() @ ctx.grad_proj.float()
             grad_b = grad_b.to(lora_b.dtype)
         if ctx.needs_input_grad[1]:
             grad_a = (grad_xa.t() @ xd.reshape(-1, xd.shape[-1])).to(lora_a.dtype)
