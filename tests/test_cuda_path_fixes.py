@@ -46,3 +46,20 @@ def test_project_grad_applies_the_inverse_in_float32_under_bf16_autocast():
           f"error the projection adds: new {new_step:.2e}, old {old_step:.2e}")  # fmt: skip
     assert new_err < old_err
     assert new_step < 1e-6 < 1e-3 < old_step  # fp32 product vs bf16-rounded inverse and product
+
+
+def test_ddp_does_not_rebroadcast_buffers(tmp_path):
+    """The run's Accelerator wraps DDP with broadcast_buffers=False: PiSSA's / LoRA-GA's offset
+    buffers (lora_A0, lora_B0) never change after init, and no model lrft trains has BatchNorm."""
+    from accelerate import DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+
+    from lrft.config.compose import compose
+    from lrft.train.engine import ddp_kwargs, make_engine
+
+    assert ddp_kwargs(DistributedDataParallelKwargs).to_kwargs() == {"broadcast_buffers": False}
+    try:
+        engine = make_engine(compose(["model=tiny_llama", "method=pissa"]), tmp_path)
+        assert engine.accelerator.ddp_handler.to_kwargs() == {"broadcast_buffers": False}
+    finally:
+        AcceleratorState._reset_state()

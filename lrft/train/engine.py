@@ -52,10 +52,19 @@ def resolve_precision(requested: str | None) -> str:
     return requested
 
 
+def ddp_kwargs(kind: type) -> Any:
+    """DDP without ``broadcast_buffers``: DDP would re-send every buffer from rank 0 before each
+    forward, PiSSA's / LoRA-GA's ``lora_A0``/``lora_B0`` offsets included, which never change after
+    init (every rank computes them alike). No model lrft trains has a buffer that changes in
+    training: the families are BatchNorm-free transformers (LayerNorm / RMSNorm hold parameters,
+    RoPE's ``inv_freq`` is constant), so nothing needs the broadcast."""
+    return kind(broadcast_buffers=False)
+
+
 def make_engine(cfg: DictConfig, run_dir: Path) -> Engine:
     """One Accelerator per run. Accumulation is done by the step (token-weighted over the window),
     so accelerate's own loss division by ``gradient_accumulation_steps`` stays off."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     t = cfg.trainer
@@ -68,6 +77,7 @@ def make_engine(cfg: DictConfig, run_dir: Path) -> Engine:
         cpu=use_cpu(bool(t.cpu)),  # a torchrun launch on a CPU-only machine joins its gloo group
         log_with=t.report_to,
         project_dir=str(run_dir),
+        kwargs_handlers=[ddp_kwargs(DistributedDataParallelKwargs)],
     )
     check_world(acc)  # before anything is written: never N one-process runs on one folder
     if precision == "fp16" and acc.scaler is None:
