@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from lrft.errors import UserError
 from lrft.run.topology import check_world, use_cpu
-from lrft.schema import PRECISIONS
+from lrft.schema import PRECISIONS, TRUTHY
 from lrft.train import sharding
 
 
@@ -52,6 +52,29 @@ def resolve_precision(requested: str | None) -> str:
     return requested
 
 
+DEEPSPEED_REFUSED = (
+    "DeepSpeed is not supported: this launch asks for it (accelerate config `distributed_type: "
+    "DEEPSPEED`, ACCELERATE_USE_DEEPSPEED), and lrft has never trained under it, so nothing was "
+    "trained. On a CPU-only machine accelerate would silently run such a config as plain DDP; "
+    "on a real DeepSpeed engine its `gradient_clipping` is not lrft's trainer.max_grad_norm, and "
+    "ZeRO-3 and resume were never run. Use instead: `accelerate launch --config_file "
+    "configs/accelerate/fsdp.yaml` (or trainer.sharding=fsdp2) to shard weights, gradients and "
+    "optimizer state like ZeRO-3, or `accelerate launch --config_file configs/accelerate/ddp.yaml` "
+    "(or torchrun) for data parallel. See docs/distributed.md."
+)
+
+
+def refuse_deepspeed() -> None:
+    """A DeepSpeed launch stops here, before the Accelerator and before any file is written.
+
+    Tried on CPU (deepspeed 0.19.8, 2 processes, gloo): with ``cpu=True`` accelerate runs a
+    DeepSpeed config as MULTI_CPU DDP without a word; with a real DeepSpeed engine ZeRO-2 equalled
+    DDP only once the config's clipping matched trainer.max_grad_norm, after a minutes-long JIT
+    build of DeepSpeed's shared-memory op. Not built to a tested standard, so refused."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in TRUTHY:
+        raise UserError(DEEPSPEED_REFUSED)
+
+
 def ddp_kwargs(kind: type) -> Any:
     """DDP without ``broadcast_buffers``: DDP would re-send every buffer from rank 0 before each
     forward, PiSSA's / LoRA-GA's ``lora_A0``/``lora_B0`` offsets included, which never change after
@@ -68,6 +91,7 @@ def make_engine(cfg: DictConfig, run_dir: Path) -> Engine:
     from accelerate.state import AcceleratorState
 
     t = cfg.trainer
+    refuse_deepspeed()
     mode = sharding.requested(t)  # before the Accelerator: an FSDP launch is taken over here
     precision = resolve_precision(t.mixed_precision)
     AcceleratorState._reset_state()  # a second run in one process may use another precision
@@ -80,6 +104,8 @@ def make_engine(cfg: DictConfig, run_dir: Path) -> Engine:
         kwargs_handlers=[ddp_kwargs(DistributedDataParallelKwargs)],
     )
     check_world(acc)  # before anything is written: never N one-process runs on one folder
+    if acc.distributed_type.value == "DEEPSPEED":  # a DeepSpeed plugin reached accelerate otherwise
+        raise UserError(DEEPSPEED_REFUSED)
     if precision == "fp16" and acc.scaler is None:
         # accelerate runs fp16 only on accelerators; torch's CPU autocast and GradScaler do the same
         # arithmetic, so fp16 runs (and is tested) on CPU through the same code path. Before
