@@ -3,6 +3,7 @@ LoRA-GA on a 4-bit base with calibration-less ranks, DDP's buffer broadcast."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_layers import K, N, R, make
 
@@ -63,3 +64,68 @@ def test_ddp_does_not_rebroadcast_buffers(tmp_path):
         assert engine.accelerator.ddp_handler.to_kwargs() == {"broadcast_buffers": False}
     finally:
         AcceleratorState._reset_state()
+
+
+class _RankWithoutBatches:
+    """Rank 1 of 2 as LoRA-GA sees it: init_batches=1 leaves it no calibration batch. ``reduce``
+    records every tensor it would all-reduce (their sizes must match rank 0's) and returns it;
+    the batch count comes back as rank 0's 1."""
+
+    num_processes, process_index, is_main_process = 2, 1, False
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.reduced: list[tuple[int, ...]] = []
+
+    def reduce(self, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        if t.dim() == 0:
+            return torch.ones(())
+        self.reduced.append(tuple(t.shape))
+        return t
+
+
+def test_lora_ga_rank_without_batches_reduces_the_logical_shape_on_nf4():
+    """On a 4-bit base a calibration-less rank's accumulator has the (out, in) shape (was: the
+    packed weight's (n/2, 1), so its all-reduce would not match rank 0's and hang)."""
+    from omegaconf import OmegaConf
+
+    from lrft.config.compose import compose
+    from lrft.methods import get_method
+    from lrft.methods.base import ApplyContext
+    from lrft.methods.lora_ga import logical_shape
+    from lrft.model.load import load_model
+
+    cfg = compose(["model=tiny_llama", "quantization=nf4", "method=lora_ga", "method.init_batches=1"])
+    torch.manual_seed(0)
+    model = load_model(cfg.model, None, cfg.quantization)
+    fake = _RankWithoutBatches()
+    ids = torch.randint(5, 200, (1, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    ctx = ApplyContext(calibration=lambda: iter([batch]), accelerator=fake)
+    spec = get_method("lora_ga")(OmegaConf.to_object(cfg.method))
+    spec.apply(model, {k: list(cfg.model[k]) for k in ("target_modules", "modules_to_save")}, ctx)
+    from lrft.methods.layers import LowRankLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert layers and type(layers[0].base_layer).__name__ == "Linear4bit"
+    packed = tuple(layers[0].base_layer.weight.shape)
+    expected = [logical_shape(m.base_layer) for m in layers]
+    assert fake.reduced == expected and packed not in expected, (fake.reduced[:2], packed)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a separate defect, before LoRA-GA runs: under torchrun a rank loading the randomly "
+    "initialised quantized tiny model reads /tmp/lrft-quant-* before it has a config.json "
+    "(ValueError: Unrecognized model); lrft/model/load.py, not fixed here",
+)
+def test_lora_ga_two_processes_fewer_init_batches_than_ranks_on_nf4(tmp_path):
+    """2 gloo processes, init_batches=1, nf4: rank 1 probes nothing and still finishes."""
+    from launch import torchrun
+    from test_loop_invariants import COMMON, uneven_data
+
+    args = [*COMMON, *uneven_data(tmp_path), "method=lora_ga", "method.init_batches=1"]
+    args += ["quantization=nf4", "trainer.max_steps=1", "trainer.batch_size=1"]
+    proc = torchrun([*args, f"output_dir={tmp_path / 'two'}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "two" / "final" / "trainable.safetensors").exists()

@@ -97,6 +97,11 @@ def estimate_gradients(
     return acc, seen
 
 
+def logical_shape(base: nn.Module) -> tuple[int, int]:
+    """(out, in) of a base linear layer: a bitsandbytes 4-bit weight is stored packed, (n/2, 1)."""
+    return int(base.out_features), int(base.in_features)
+
+
 def ga_factors(
     grad: torch.Tensor, r: int, scale: float, c: LoraGAConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +140,12 @@ class LoraGA(Lora):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         bases = {n: layer.base_layer for n, layer in layers.items()}
+        # refusals first, from the logical shapes every rank shares: a rank raising alone, after
+        # its peers entered a collective, would hang them
+        shapes = {n: logical_shape(b) for n, b in bases.items()}
+        for name, shape in shapes.items():
+            if 2 * c.r > min(shape):
+                raise UserError(f"method.r={c.r}: LoRA-GA needs 2r <= {min(shape)} for layer {name}.")
         # each process probes its share of the init_batches (rank, rank + W, ...), then they sum
         mine = islice(ctx.calibration(), rank, None, world)
         share = len(range(rank, c.init_batches, world))
@@ -145,17 +156,13 @@ class LoraGA(Lora):
             raise UserError("LoRA-GA got no calibration batch: the training set is empty.")
         estimated = time.perf_counter()
         for name, layer in layers.items():
-            grad = (
-                grads.pop(name)
-                if name in grads
-                else torch.zeros_like(layer.base_layer.weight, dtype=torch.float32)
-            )
+            # a rank without a calibration batch adds zeros of the logical (out, in) shape: a
+            # packed 4-bit weight's own shape differs, and the all-reduce sizes must match
+            grad = grads.pop(name) if name in grads else torch.zeros(shapes[name], dtype=torch.float32)
             grad = grad.to(layer.lora_A.device)
             if world > 1:
                 grad = acc.reduce(grad, reduction="sum")
             grad /= seen
-            if 2 * c.r > min(grad.shape):
-                raise UserError(f"method.r={c.r}: LoRA-GA needs 2r <= {min(grad.shape)} for layer {name}.")
             layer.offset_base(*ga_factors(grad, c.r, layer.scale, c))
             del grad
         self.init_seconds = time.perf_counter() - start
