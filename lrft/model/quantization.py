@@ -74,7 +74,12 @@ def quantize_built(model: nn.Module, auto: Any, qcfg: Any, mcfg: Any, dtype: Any
     (the models built this way are tiny) so QPiSSA can take its SVD before quantization.
     """
     with tempfile.TemporaryDirectory(prefix="lrft-quant-") as tmp:
-        model.save_pretrained(tmp)
+        # every process writes its own folder: save_pretrained writes nothing off rank 0 once
+        # torch.distributed is initialised (transformers' should_save_on_this_rank)
+        from safetensors.torch import save_model
+
+        model.config.to_json_file(f"{tmp}/config.json")
+        save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
         quantized = auto.from_pretrained(tmp, dtype=dtype, **from_pretrained_kwargs(qcfg, mcfg))
     keep_canonical_layout(quantized)
     full = dict(model.state_dict())
