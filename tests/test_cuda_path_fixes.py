@@ -122,3 +122,27 @@ def test_lora_ga_two_processes_fewer_init_batches_than_ranks_on_nf4(tmp_path):
     proc = torchrun([*args, f"output_dir={tmp_path / 'two'}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "two" / "final" / "trainable.safetensors").exists()
+
+
+def test_pissa_svd_auto_is_exact_for_small_weights_and_randomized_for_large(capsys):
+    """svd_niter=auto (the default): the exact SVD where it is cheap (tests, PEFT equality), the
+    randomized one where the exact SVD would be the init's whole cost; the init says which, and
+    how long it took."""
+    from lrft.config.compose import compose
+    from lrft.methods.pissa import AUTO_NITER, resolve_niter
+
+    assert compose(["method=pissa"]).method.svd_niter == "auto"
+    assert resolve_niter("auto", (64, 1024)) is None
+    assert resolve_niter("auto", (4096, 11008)) == AUTO_NITER
+    assert resolve_niter(None, (4096, 4096)) is None and resolve_niter(2, (8, 8)) == 2
+    from omegaconf import OmegaConf
+
+    from lrft.methods import get_method
+    from lrft.model.load import load_model
+
+    cfg = compose(["model=tiny_llama", "method=pissa"])
+    model = load_model(cfg.model, None)
+    get_method("pissa")(OmegaConf.to_object(cfg.method)).apply(
+        model, {"target_modules": ["q_proj", "v_proj"], "modules_to_save": []}
+    )
+    assert "PiSSA init: exact SVD of 4 layers in" in capsys.readouterr().err

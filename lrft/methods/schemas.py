@@ -59,7 +59,9 @@ class PissaConfig(LoraConfig):
     name: str = "pissa"
     alpha: float = 8.0  # = r: s = 1, the paper's setting (any s works: the factors absorb 1/s)
     dropout: float = 0.0
-    svd_niter: int | None = None  # null: exact SVD; N >= 1: randomized SVD with N subspace iterations
+    # null: exact SVD; N >= 1: randomized SVD with N subspace iterations; auto: exact up to
+    # min(d, k) = 1024, else 4 iterations (a 4096² exact SVD costs seconds per layer, 224 at 7B)
+    svd_niter: Any = "auto"
 
 
 @dataclass
@@ -121,8 +123,13 @@ def check_lora(root_cfg: Any) -> None:
 def check_pissa(root_cfg: Any) -> None:
     check_lora(root_cfg)
     m = root_cfg.method
-    if m.svd_niter is not None and m.svd_niter < 1:
-        raise UserError(f"method.svd_niter must be null (exact SVD) or >= 1, got {m.svd_niter}.")
+    niter = m.svd_niter
+    if (
+        niter is not None
+        and niter != "auto"
+        and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 1)
+    ):
+        raise UserError(f"method.svd_niter must be auto, null (exact SVD) or >= 1, got {niter!r}.")
     if root_cfg.quantization.name != "none" and _prequantized(root_cfg.model):
         raise UserError(
             f"model.name_or_path={root_cfg.model.name_or_path} is already quantized: PiSSA needs the "
