@@ -39,3 +39,11 @@ def test_a_bad_worker_count_is_a_usage_error(tmp_path, capsys, bad):
     ]
     assert main(["train", *args]) == 2
     assert "trainer.dataloader_workers must be auto or an integer" in capsys.readouterr().err
+
+
+def test_the_engine_copies_batches_without_a_sync(tmp_path):
+    from lrft.train.engine import make_engine
+
+    cfg = compose(["model=tiny_llama", "dataset.data_files.train=x.jsonl", f"output_dir={tmp_path}"])
+    engine = make_engine(cfg, tmp_path)
+    assert engine.accelerator.dataloader_config.non_blocking

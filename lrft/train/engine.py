@@ -87,7 +87,7 @@ def ddp_kwargs(kind: type) -> Any:
 def make_engine(cfg: DictConfig, run_dir: Path) -> Engine:
     """One Accelerator per run. Accumulation is done by the step (token-weighted over the window),
     so accelerate's own loss division by ``gradient_accumulation_steps`` stays off."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     t = cfg.trainer
@@ -102,6 +102,9 @@ def make_engine(cfg: DictConfig, run_dir: Path) -> Engine:
         log_with=t.report_to,
         project_dir=str(run_dir),
         kwargs_handlers=[ddp_kwargs(DistributedDataParallelKwargs)],
+        # batches come pinned on CUDA (lrft.train.setup.loader_options): copy them without a sync,
+        # the step's kernels queue behind the copy on the same stream
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     check_world(acc)  # before anything is written: never N one-process runs on one folder
     if acc.distributed_type.value == "DEEPSPEED":  # a DeepSpeed plugin reached accelerate otherwise
