@@ -55,9 +55,6 @@ def validate(cfg: DictConfig) -> None:
         one_of("trainer.mixed_precision", t.mixed_precision, PRECISIONS)
     one_of("trainer.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
     one_of("trainer.on_nan", t.on_nan, ON_NAN)
-    workers = t.get("dataloader_workers", "auto")
-    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise UserError(f"trainer.dataloader_workers must be auto or an integer >= 0, got {workers!r}.")
     one_of("trainer.sharding", t.get("sharding", "none"), SHARDINGS)
     one_of("trainer.compile_backend", t.get("compile_backend", "inductor"), COMPILE_BACKENDS)
     one_of("trainer.dropout_kernel", t.get("dropout_kernel", "auto"), DROPOUT_KERNELS)
@@ -87,12 +84,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if t.warmup_steps < 0:
         raise UserError(f"trainer.warmup_steps must be >= 0, got {t.warmup_steps}.")
-    chunk = t.get("loss_chunk", "auto")
-    if chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
-        raise UserError(
-            "trainer.loss_chunk must be auto (positions per chunk sized to the vocabulary), an int "
-            f">= 1 (positions per chunk of logits) or 0 (the full logits), got {chunk!r}."
-        )
+    check_trainer_counts(t)
     check_objective(cfg)
     check_memory_keys(t, cfg.get("memory"))
     if t.max_steps == 0 or t.max_steps < -1:
@@ -116,6 +108,19 @@ def validate(cfg: DictConfig) -> None:
     from lrft.methods.registry import validate_method
 
     validate_method(cfg)
+
+
+def check_trainer_counts(t: Any) -> None:
+    """Trainer keys that are a count or ``auto``."""
+    workers = t.get("dataloader_workers", "auto")
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise UserError(f"trainer.dataloader_workers must be auto or an integer >= 0, got {workers!r}.")
+    chunk = t.get("loss_chunk", "auto")
+    if chunk != "auto" and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
+        raise UserError(
+            "trainer.loss_chunk must be auto (positions per chunk sized to the vocabulary), an int "
+            f">= 1 (positions per chunk of logits) or 0 (the full logits), got {chunk!r}."
+        )
 
 
 # trainer.report_to: accelerate's tracker name -> (package to install, accelerate's availability check)
