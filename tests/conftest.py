@@ -36,7 +36,9 @@ def _restore_logging():
 # the workers start on these and fill in with the short modules, instead of ending on a long one.
 LONGEST_FIRST = [
     "test_merge.py", "test_resume.py", "test_loop_invariants.py", "test_fsdp2.py", "test_multinode.py",
+    "test_preference.py", "test_preference_fsdp2.py", "test_kto.py", "test_precompute_ref.py",
     "test_runs.py", "test_train.py", "test_methods.py", "test_memory.py", "test_resume_packing.py",
+    "test_preference_methods.py", "test_start_from.py", "test_cuda_path_fixes.py", "test_memory_objective.py",
     "test_memory_plan.py", "test_gpu_check.py", "test_loss.py", "test_readme_tree.py",
     "test_modern_families.py", "test_recipes.py", "test_eval_cli.py",
 ]  # fmt: skip
