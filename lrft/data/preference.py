@@ -100,14 +100,7 @@ def encode_preference(
         return _encode_unpaired(rows, tokenizer, max_length)
     out = []
     for row in rows:
-        try:
-            if isinstance(row["prompt"], str):
-                chosen, rejected = _plain(tokenizer, row, max_length)
-            else:
-                chosen, rejected = _conversational(tokenizer, row, max_length)
-        except UserError as err:
-            where = row.get("_where")
-            raise UserError(f"{where}: {err}" if where else str(err)) from None
+        chosen, rejected = _encode_pair(tokenizer, row, row, max_length)
         out.append(
             {
                 "input_ids": chosen[0],
@@ -120,6 +113,19 @@ def encode_preference(
 
 
 Seq = tuple[list[int], list[int]]
+
+
+def _encode_pair(
+    tokenizer: Any, row: dict[str, Any], pair: dict[str, Any], max_length: int
+) -> tuple[Seq, Seq]:
+    """``pair``'s two sequences (plain text or rendered messages, as ``row``'s prompt is); a
+    problem names ``row``'s file and row."""
+    try:
+        encode = _plain if isinstance(row["prompt"], str) else _conversational
+        return encode(tokenizer, pair, max_length)
+    except UserError as err:
+        where = row.get("_where")
+        raise UserError(f"{where}: {err}" if where else str(err)) from None
 
 
 def _same_shape(rows: list[dict[str, Any]]) -> None:
@@ -146,12 +152,7 @@ def _encode_unpaired(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
     for i, row in enumerate(rows):
         other = rows[i - 1]["completion"]  # row 0 takes the chunk's last completion
         pair = {"prompt": row["prompt"], "chosen": row["completion"], "rejected": other}
-        try:
-            encode = _plain if isinstance(row["prompt"], str) else _conversational
-            seq, mismatched = encode(tokenizer, pair, max_length)
-        except UserError as err:
-            where = row.get("_where")
-            raise UserError(f"{where}: {err}" if where else str(err)) from None
+        seq, mismatched = _encode_pair(tokenizer, row, pair, max_length)
         out.append(
             {
                 "input_ids": seq[0],
