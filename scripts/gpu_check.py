@@ -17,6 +17,9 @@ cheapest and most informative first:
    targets, AdamW, one loss (lrft's token-weighted :func:`lrft.train.step.forward_backward`);
 3. ``planner``: ``lrft memory``'s prediction (:class:`lrft.memory.plan.Planner`, the same composed
    config) beside each measured peak of section 2;
+3b. ``train``: the production step (scripts/gpu_train.py): lrft's forward_backward + StepPolicy
+   under accelerate's bf16 autocast on packed 8 x 512 batches, checkpointing off and on, lora_fa,
+   lora and PEFT, with ``lrft memory``'s prediction and model FLOPs utilisation per row;
 4. ``inits``: data-aware inits on the device: PiSSA with randomized SVD, LoRA-GA;
 5. ``fp16``: an fp16 run through ``lrft.train.train`` (GradScaler): overflow steps, loss scale;
 6. ``dropout``: the low-rank layer's dropout mask (lrft.methods.dropout), eager hash, fused hash
@@ -52,6 +55,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's lrft, also when run as a plain script
+sys.path.insert(0, str(ROOT / "scripts"))  # gpu_train, also when imported from the tests
+
+import gpu_train  # noqa: E402
 
 GIB = 1 << 30
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,6 +68,7 @@ SECTIONS: dict[str, tuple[float, float]] = {
     "env": (60, 60),
     "steps": (200, 120),
     "planner": (60, 60),
+    "train": (240, 120),
     "inits": (120, 60),
     "fp16": (120, 90),
     "dropout": (90, 90),
@@ -82,6 +89,7 @@ TABLES: dict[str, tuple[str, str, list[str]]] = {
         "same composed config as the training row of the same name.",
         ["measured peak GiB", "predicted GiB", "predicted / measured"],
     ),
+    "train": gpu_train.TABLE,
     "inits": (
         "Data-aware inits on the device (`method.apply` on a base already on it)",
         "",
@@ -95,7 +103,7 @@ TABLES: dict[str, tuple[str, str, list[str]]] = {
     "masks": (
         "Dropout masks (lrft.methods.dropout)",
         "Forward application x ⊙ keep; lrft regenerates the mask in backward instead of storing it.",
-        ["ms per mask", "bits equal eager"],
+        ["ms per mask", "bits equal eager", "kernel run", "keep rate"],
     ),
 }
 
@@ -305,16 +313,29 @@ def fp16_row(check: Check) -> dict:
     }
 
 
+def kernel_ran(before: tuple[int, str]) -> str:
+    """Which dropout kernel made the masks since ``before`` (``fused_status()`` then): a failed
+    compile falls back to eager process-wide, and the bits-equal check would compare eager with
+    eager."""
+    from lrft.methods.dropout import fused_status
+
+    calls, error = fused_status()
+    if error:
+        return f"eager fallback: {error[:120]}"
+    return f"fused ({calls - before[0]} masks)" if calls > before[0] else "eager (fused never ran)"
+
+
 def mask_rows(check: Check, p: float = 0.05, repeats: int = 20) -> list[tuple[str, dict]]:
     """ms per dropout mask applied (forward: x ⊙ keep) on a (batch, length, intermediate) bf16
     activation: lrft's hash eager and fused, and torch's dropout (one kernel, a stored mask)."""
     from lrft.config.compose import compose
-    from lrft.methods.dropout import drop, new_seed
+    from lrft.methods.dropout import drop, fused_status, new_seed
 
     width = int(compose([f"model={check.model_cfg}"]).model.from_config.intermediate_size)
     x = torch.randn(check.args.batch, check.args.length, width, device=check.device, dtype=torch.bfloat16)
     seed = new_seed(check.device)
     eager = drop(x, p, seed, "eager")
+    before = fused_status()
     same = torch.equal(drop(x, p, seed, "fused"), eager)  # also compiles the fused kernel
     candidates = {
         "lrft hash, eager (~15 ops)": lambda: drop(x, p, seed, "eager"),
@@ -331,9 +352,38 @@ def mask_rows(check: Check, p: float = 0.05, repeats: int = 20) -> list[tuple[st
         check.sync()
         row = {"ms per mask": f"{(time.perf_counter() - start) / repeats * 1e3:.3f}"}
         row["bits equal eager"] = str(same) if "fused" in label else "-"
+        row["kernel run"] = kernel_ran(before) if "fused" in label else "-"
+        row["keep rate"] = f"{(fn() != 0).float().mean().item():.4f} (1 - p = {1 - p:g})"
         rows.append((label, row))
     shape = f"{tuple(x.shape)} bf16, p={p}"
     return [(f"{label} [{shape}]", row) for label, row in rows]
+
+
+def huge_mask_row(check: Check, p: float = 0.05) -> dict:
+    """The fused kernel on an activation of more than 2^31 elements (on the GPU; ``--tiny``: 2^22):
+    int32 index arithmetic inside a compiled kernel is the risk. Equal to eager bit for bit, and the
+    keep rate measured on the elements past flat index 2^31 alone (a wrapped index would repeat
+    or zero the first rows' bits there)."""
+    from lrft.methods.dropout import drop, fused_status, new_seed
+
+    width = 11008  # LLaMA-7B's MLP width
+    limit = 2**22 if check.args.tiny else 2**31
+    n = limit // width + 1  # rows: n x width > limit
+    x = torch.randn(n, width, device=check.device, dtype=torch.bfloat16)
+    x[x == 0] = 1.0  # so "kept" reads as "non-zero"
+    seed = new_seed(check.device)
+    before = fused_status()
+    fused = drop(x, p, seed, "fused")
+    ran = kernel_ran(before)
+    same = torch.equal(fused, drop(x, p, seed, "eager"))
+    tail = fused.view(-1)[limit:]
+    kept = torch.count_nonzero(tail).item() / tail.numel()
+    return {
+        "ms per mask": "-",
+        "bits equal eager": str(same),
+        "kernel run": ran,
+        "keep rate": f"{kept:.4f} past element {limit:,} ({tail.numel():,} elements)",
+    }
 
 
 def step_row(check: Check, build: Callable[[], tuple[Any, Any]]) -> dict:
@@ -461,6 +511,8 @@ def plan(check: Check, section: str, results: dict[str, dict[str, dict]]) -> Pla
             peak = measured.get(label, {}).get("peak GiB", "-")
             out.append(("planner", label, lambda m=method, p=peak: planner_row(check.overrides(m), p)))
         return out
+    if section == "train":
+        return gpu_train.plan(check, results, lrft_builder, peft_builder)
     if section == "inits":
         return [
             ("inits", "PiSSA, randomized SVD (svd_niter=4)",
@@ -474,7 +526,11 @@ def plan(check: Check, section: str, results: dict[str, dict[str, dict]]) -> Pla
     if section == "fp16":
         return [("fp16", "tiny_llama lora_fa, trainer.mixed_precision=fp16", lambda: fp16_row(check))]
     if section == "dropout":
-        return [("masks", "dropout masks", lambda: mask_rows(check))]
+        big = "2^22 (--tiny)" if check.args.tiny else "2^31"
+        return [
+            ("masks", "dropout masks", lambda: mask_rows(check)),
+            ("masks", f"fused, more than {big} elements", lambda: huge_mask_row(check)),
+        ]
     if section == "qlora":
         label, qlora = "lrft QLoRA-FA (nf4 base)", ("lora_fa", "nf4")
 
@@ -547,7 +603,8 @@ class Report:
             "",
             f"{shape}, base bf16, adapters fp32, r={a.r}, alpha 16, dropout 0.05 on {', '.join(TARGETS)}; "
             f"batch {a.batch} x {a.length} (all real tokens), AdamW, {a.warmup} warm-up + {a.steps} timed "
-            "steps; one loss for all rows (lrft.train.step.forward_backward), `mixed_precision=no`. Each "
+            "steps; one loss for all rows (lrft.train.step.forward_backward); `mixed_precision=no` in the "
+            "step table, accelerate's bf16 autocast in the production table (scripts/gpu_train.py). Each "
             "section ran in its own process under its own time limit. " + total,
             "",
             "Device command (docs/gpu.md): `bash scripts/gpu_check.sh --wheels wheels`, carry "
@@ -683,6 +740,7 @@ def supervise(args: argparse.Namespace, report: Report, section: str, limit: flo
     deadline = time.monotonic() + limit
     start_row, planned, tries = 0, [], 0
     table_of = {"env": "env", "dropout": "masks", "fp16": "fp16", "inits": "inits", "planner": "planner"}
+    table_of["train"] = "train"
     while tries < 3:
         tries += 1
         results.write_text(json.dumps(report.rows))

@@ -100,17 +100,6 @@ def test_combinations_fsdp2_cannot_train_are_refused(tmp_path, extra, match):
         setup(cfg, tmp_path, make_engine(cfg, tmp_path))
 
 
-def test_deepspeed_accumulation_is_refused():
-    """DeepSpeed needs GPUs; the refusal reads only the engine type and the config."""
-    import types
-
-    cfg = compose(["trainer.cpu=true", "trainer.grad_accum=2"])
-    deepspeed = types.SimpleNamespace(distributed_type=types.SimpleNamespace(value="DEEPSPEED"))
-    with pytest.raises(UserError, match="engine steps inside backward"):
-        sharding.refuse("none", cfg, deepspeed)
-    sharding.refuse("none", compose(["trainer.cpu=true"]), deepspeed)  # grad_accum=1 trains
-
-
 def test_rank0_loads_alone_bf16_pissa_dora_shards_like_one_process(tmp_path):
     """Sharded runs load the model on rank 0 only; the others build it on meta
     (lrft.train.materialize). PiSSA moves the base and adds B₀/A₀ buffers on rank 0, which the meta

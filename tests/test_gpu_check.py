@@ -101,7 +101,8 @@ def test_report_is_under_out_and_printed(run: tuple[str, str, float]) -> None:
     assert "bash scripts/gpu_check.sh --wheels wheels" in report
     assert "Unfinished" not in report and "error:" not in report, report
     # every table printed to stdout as its rows came in; the last print of each is the final table
-    for heading in ["Environment", "Training step", "`lrft memory`", "Data-aware", "fp16", "Dropout"]:
+    headings = ["Environment", "Training step", "`lrft memory`", "The production step", "Data-aware"]
+    for heading in [*headings, "fp16", "Dropout"]:
         printed = stdout.split(f"## {heading}")
         assert len(printed) > 1, heading
         assert rows(f"## {heading}" + printed[-1], "") == rows(report, heading), heading
@@ -139,11 +140,58 @@ def test_dropout_mask_rows(run: tuple[str, str, float]) -> None:
     table = rows(run[0], "Dropout masks")
     labels = [k.split(" [")[0] for k in table]
     assert labels == [
-        "lrft hash, eager (~15 ops)", "lrft hash, fused (one compiled kernel)", "torch.nn.functional.dropout"
+        "lrft hash, eager (~15 ops)", "lrft hash, fused (one compiled kernel)", "torch.nn.functional.dropout",
+        "fused, more than 2^22 (--tiny) elements",
     ]  # fmt: skip
-    for label, (ms, equal) in table.items():
+    *timed, (_, huge) = table.items()
+    for label, (ms, equal, ran, keep) in timed:
         assert NUMBER.match(ms) and float(ms) > 0, (label, ms)
         assert equal == ("True" if "fused" in label else "-"), (label, equal)
+        # the fused row says the compiled kernel made its masks (a silent eager fallback would not)
+        assert ran == ("fused (22 masks)" if "fused" in label else "-"), (label, ran)
+        assert abs(float(keep.split()[0]) - 0.95) < 0.01, (label, keep)
+    _ms, equal, ran, keep = huge
+    assert equal == "True" and ran == "fused (1 masks)", huge
+    assert "past element 4,194,304" in keep and abs(float(keep.split()[0]) - 0.95) < 0.02, keep
+
+
+def test_production_rows(run: tuple[str, str, float]) -> None:
+    """lrft's real step under bf16 autocast on packed batches: every row has its numbers, the lrft
+    rows a prediction, and checkpointing lowers the prediction."""
+    table = rows(run[0], "The production step")
+    labels = ["lrft lora_fa", "lrft lora", "PEFT LoRA"]
+    assert list(table) == labels + [f"{x}, checkpointed" for x in labels]
+    for label, (ckpt, ms, tps, peak, predicted, _ratio, mfu) in table.items():
+        assert ckpt == ("every block" if "checkpointed" in label else "off"), label
+        for cell in (ms, tps):
+            assert float(NUMBER.match(cell).group().replace(",", "")) > 0, (label, cell)
+        assert peak == "n/a (CPU)"
+        assert re.match(r"^[\d.]+% \(", mfu), (label, mfu)
+        assert (predicted == "-") == label.startswith("PEFT"), (label, predicted)
+    mib = {k: float(v[4].split()[0]) for k, v in table.items() if k.startswith("lrft")}
+    assert mib["lrft lora_fa, checkpointed"] < mib["lrft lora_fa"] < mib["lrft lora"]
+
+
+def test_packed_batch_and_useful_flops() -> None:
+    """The production rows' batch is full rows of several documents each (no padding), and the
+    FLOPs count gives a trainable matmul weight 6 FLOPs per element per token, a frozen one 4."""
+    g = gpu_check()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    batch = g.gpu_train.packed_batch(vocab=261, rows=3, length=64)
+    assert batch["input_ids"].shape == (3, 64) and "attention_mask" not in batch
+    starts = batch["position_ids"] == 0
+    assert (starts.sum(1) >= 2).all() and starts[:, 0].all()  # several documents per row
+    assert ((batch["labels"] == -100) == starts).all()  # only a document's first token has no label
+    shapes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model("llama", vocab_size=261, num_hidden_layers=2, **shapes)
+    model = AutoModelForCausalLM.from_config(config).requires_grad_(False)
+    frozen = g.gpu_train.flops_per_token(model, batch)
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    assert g.gpu_train.flops_per_token(model, batch) - frozen == 2 * 32 * 64
+    matmuls = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    mean_keys = (batch["position_ids"].float() + 1).mean().item()
+    assert frozen == 4 * matmuls + 12 * 2 * 32 * mean_keys
 
 
 def test_init_and_fp16_rows(run: tuple[str, str, float]) -> None:

@@ -1,5 +1,5 @@
-"""`lrft memory` per device of a sharded job: ZeRO-2 divides gradients and optimizer state, FSDP /
-ZeRO-3 the weights too plus one gathered block; replicated (DDP) changes nothing."""
+"""`lrft memory` per device of a sharded job: FSDP divides weights, gradients and optimizer state,
+plus one gathered block; replicated (DDP) changes nothing; the DeepSpeed stages are refused."""
 
 import copy
 
@@ -21,11 +21,10 @@ def plans(sharding: str, nodes: int = 2, per_node: int = 2):
     return full, shard_plan(copy.deepcopy(full), planner, cfg.memory), planner
 
 
-def test_zero2_divides_gradients_and_optimizer_state_only():
-    full, sharded, _ = plans("zero2")
-    assert sharded.gradients == -(-full.gradients // 4) and sharded.optimizer == -(-full.optimizer // 4)
-    assert sharded.weights == full.weights
-    assert any("zero2 over 4 devices" in n for n in sharded.notes)
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_stages_are_refused_naming_fsdp(stage):
+    with pytest.raises(UserError, match=rf"memory\.sharding={stage}: DeepSpeed is not supported.*fsdp"):
+        plans(stage)
 
 
 def test_fsdp_divides_weights_and_adds_one_gathered_block():
@@ -36,6 +35,8 @@ def test_fsdp_divides_weights_and_adds_one_gathered_block():
     assert sharded.weights.pop("gathered block") == block
     assert sum(sharded.weights.values()) <= sum(full.weights.values()) // 4 + len(full.weights)
     assert sharded.total(False) < full.total(False)
+    assert sharded.gradients == -(-full.gradients // 4) and sharded.optimizer == -(-full.optimizer // 4)
+    assert any("fsdp over 4 devices" in n for n in sharded.notes)
 
 
 def test_replicated_and_bad_values():

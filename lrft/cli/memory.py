@@ -39,15 +39,15 @@ lrft memory [group=option ...] [group.key=value ...]     plan memory without loa
   lrft memory memory.sharding=fsdp memory.nodes=2 memory.processes_per_node=8   per GPU of a job
 
 Groups and keys are lrft train's (`lrft train --help`), plus memory.budget_gb, memory.target_length,
-memory.sharding (none | ddp | zero2 | fsdp | zero3), memory.nodes and memory.processes_per_node.
+memory.sharding (none | ddp | fsdp), memory.nodes and memory.processes_per_node.
 Sizes are GiB (2^30 bytes). Activations are counted from a forward pass on PyTorch's meta device."""
 
 
 @dataclass
 class MemorySection(BudgetConfig):
     # budget_gb: GiB per device: print the fastest plan that fits, for each method
-    # the job the figures are per device of: sharding none|ddp (replicated) | zero2 (gradients and
-    # optimizer state sharded) | fsdp | zero3 (weights too, one block gathered at a time)
+    # the job the figures are per device of: sharding none|ddp (replicated) | fsdp (lrft's
+    # trainer.sharding=fsdp2: weights, gradients and optimizer state sharded, one block gathered)
     sharding: str = "none"
     nodes: int = 1
     processes_per_node: int = 1

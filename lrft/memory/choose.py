@@ -163,11 +163,17 @@ def choose(
 
 
 def shard_plan(plan: Any, planner: Any, msec: Any) -> Any:
-    """Per-device figures of a job over ``nodes x processes_per_node`` devices. ZeRO-2 divides
-    gradients and optimizer state; FSDP / ZeRO-3 divide the weights too, plus one gathered block
-    (the largest decoder layer) at a time. Activations stay per device (data parallel)."""
+    """Per-device figures of a job over ``nodes x processes_per_node`` devices. FSDP (lrft's
+    ``trainer.sharding=fsdp2``) divides weights, gradients and optimizer state, plus one gathered
+    block (the largest decoder layer) at a time; DDP changes nothing. Activations stay per device."""
     from lrft.errors import one_of
 
+    if msec.sharding in ("zero2", "zero3"):  # the DeepSpeed stages lrft refuses to train under
+        raise UserError(
+            f"memory.sharding={msec.sharding}: DeepSpeed is not supported by lrft train, so there is no "
+            "such job to plan. memory.sharding=fsdp is lrft's trainer.sharding=fsdp2 (weights, gradients "
+            "and optimizer state sharded, like ZeRO-3); ddp replicates."
+        )
     one_of("memory.sharding", msec.sharding, SHARDINGS)
     n = int(msec.nodes) * int(msec.processes_per_node)
     if n < 1:
@@ -176,19 +182,17 @@ def shard_plan(plan: Any, planner: Any, msec: Any) -> Any:
         return plan
     plan.gradients = -(-plan.gradients // n)
     plan.optimizer = -(-plan.optimizer // n)
-    what, extra = "gradients and optimizer state", ""
-    if msec.sharding in ("fsdp", "zero3"):
-        block = planner.largest_block()
-        plan.weights = {k: -(-v // n) for k, v in plan.weights.items()}
-        plan.weights["gathered block"] = block
-        what, extra = f"weights, {what}", f", plus one gathered block ({block / GIB:.2f} GiB)"
+    block = planner.largest_block()
+    plan.weights = {k: -(-v // n) for k, v in plan.weights.items()}
+    plan.weights["gathered block"] = block
     plan.notes.append(
-        f"{msec.sharding} over {n} devices ({msec.nodes} node(s)): {what} divided by {n}{extra}."
+        f"fsdp over {n} devices ({msec.nodes} node(s)): weights, gradients and optimizer state "
+        f"divided by {n}, plus one gathered block ({block / GIB:.2f} GiB)."
     )
     return plan
 
 
-SHARDINGS = ("none", "ddp", "zero2", "fsdp", "zero3")
+SHARDINGS = ("none", "ddp", "fsdp")
 
 
 def apply_plan(cfg: Any, engine: Any) -> tuple[Any, dict[str, Any] | None]:

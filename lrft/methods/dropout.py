@@ -115,20 +115,25 @@ def _drop_eager(x: torch.Tensor, p: float, rows: torch.Tensor) -> torch.Tensor:
 
 _fused: Callable[..., torch.Tensor] | None = None
 _fused_failed = False
+_fused_error = ""  # the compile failure, for fused_status()
+_fused_calls = 0  # masks the compiled kernel really made in this process
 
 
 def _drop_fused(x: torch.Tensor, p: float, rows: torch.Tensor) -> torch.Tensor:
     """``_drop_eager`` compiled once per process, on (rows, features): one dynamic kernel serves
     every shape of input; it recompiles only per dtype and per p (a handful, far below dynamo's
     limit). The (n,) row keys are made eagerly, outside it: they are 1/F of the work."""
-    global _fused, _fused_failed
+    global _fused, _fused_failed, _fused_error, _fused_calls
     if _fused is None:
         _fused = torch.compile(_drop_eager, dynamic=True, fullgraph=True)
     try:
         # detach(): a plain tensor, not a view, so dynamo guards on no base tensor's shape
-        return _fused(x.detach(), p, rows)
+        out = _fused(x.detach(), p, rows)
+        _fused_calls += 1
+        return out
     except Exception as err:  # no C++ compiler / no Triton / a compiler bug: same bits, slower
         _fused_failed = True
+        _fused_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         log.warning(
             "trainer.dropout_kernel: compiling the fused dropout kernel failed (%s: %s); using the "
             "eager kernel (the same mask, more memory passes). Set trainer.dropout_kernel=eager to "
@@ -137,6 +142,13 @@ def _drop_fused(x: torch.Tensor, p: float, rows: torch.Tensor) -> torch.Tensor:
             str(err).splitlines()[0] if str(err) else "",
         )
         return _drop_eager(x, p, rows)
+
+
+def fused_status() -> tuple[int, str]:
+    """(masks the compiled kernel made in this process, why it stopped being used: "" if it never
+    failed). A failed compile falls back to eager for the whole process, silently after one
+    warning: a benchmark or a bits-equal check must read this to know which kernel it measured."""
+    return _fused_calls, _fused_error
 
 
 def fused_for(kernel: str, device: torch.device) -> bool:

@@ -216,20 +216,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
         scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
         return bnb.functional.int8_vectorwise_dequant(module.weight.data, scb).float()
-    if hasattr(module.weight, "ds_id"):  # DeepSpeed ZeRO-3: partitioned outside its module's forward
-        with _zero3_gathered(module.weight):
-            w = module.weight.detach()  # read inside: the gather swaps the parameter's data in
-            return w.to(torch.promote_types(w.dtype, torch.float32), copy=True)  # outlives the gather
     w = module.weight.detach()
     return w.to(torch.promote_types(w.dtype, torch.float32))  # float32, or float64 if it is
-
-
-def _zero3_gathered(param: nn.Parameter, modify: bool = False) -> Any:
-    """The whole of a ZeRO-3-partitioned weight for the body (a collective: every rank calls it;
-    ``modify``: rank 0's new value is partitioned back to all). Reached only under DeepSpeed."""
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
 
 
 def _canonical_4bit(weight: Any) -> tuple[torch.Tensor, Any]:
@@ -268,9 +256,6 @@ def set_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
         new = bnb.nn.Int8Params(weight.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
         module.weight = new.to(device)
         module.state.CB = module.state.SCB = None  # the next forward takes the new int8 matrix
-    elif hasattr(old, "ds_id"):  # ZeRO-3 (see dense_weight)
-        with _zero3_gathered(old, modify=True):
-            old.copy_(weight.to(old.dtype))
     else:
         old.copy_(weight.to(old.dtype))
 

@@ -49,7 +49,7 @@ def save_final(
 ) -> Path:
     """``run_dir/final``: the trainable state (full model for methods that train every weight).
 
-    ``state``: the trainable state already gathered from sharded ranks (FSDP, ZeRO-3)."""
+    ``state``: the trainable state already gathered from sharded ranks (FSDP2)."""
     final = run_dir / "final"
     state = state if state is not None else method.trainable_state_dict(model)
     with staged_dir(final) as tmp:

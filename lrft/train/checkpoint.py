@@ -179,23 +179,21 @@ def optim_rank_file(rank: int) -> str:
 
 
 def optimizer_per_rank(accelerator: Any, model: nn.Module) -> bool:
-    """Whether each rank holds its own share of the optimizer state (FSDP2, DeepSpeed ZeRO): then
+    """Whether each rank holds its own share of the optimizer state (FSDP2): then
     each rank saves and loads its own file; under data parallel one copy serves every rank."""
     from lrft.train.sharding import is_sharded
 
-    return is_sharded(accelerator.unwrap_model(model)) or accelerator.distributed_type.value == "DEEPSPEED"
+    return is_sharded(accelerator.unwrap_model(model))
 
 
 def gather_trainable(accelerator: Any, model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
     """The method's trainable state as full tensors, on every rank: under FSDP2 each rank holds a
-    dim-0 shard of every parameter, under ZeRO-3 a partition. Only the trainable tensors are
-    gathered (a collective: every rank calls this), never the whole model's state dict."""
-    from lrft.train.sharding import whole, whole_weights
+    dim-0 shard of every parameter. Only the trainable tensors are gathered (a collective: every
+    rank calls this), never the whole model's state dict."""
+    from lrft.train.sharding import whole
 
     unwrapped = accelerator.unwrap_model(model)
-    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
-    with whole_weights(trainable):
-        return {k: whole(v).detach().clone() for k, v in method.trainable_state_dict(unwrapped).items()}
+    return {k: whole(v).detach().clone() for k, v in method.trainable_state_dict(unwrapped).items()}
 
 
 def _verify_shapes(path: Path, expected: dict[str, torch.Tensor]) -> None:

@@ -238,7 +238,7 @@ def _finish(live: Live) -> dict[str, Any]:
     if s.eval_examples:
         state.eval_metrics = live.evaluate(state.pos.step)
     acc.wait_for_everyone()
-    final_state = gather_trainable(acc, s.model, s.method)  # collective under FSDP / ZeRO-3
+    final_state = gather_trainable(acc, s.model, s.method)  # a collective under FSDP2
     summary = {
         "steps": state.pos.step,
         "train_loss": state.last_loss,

@@ -41,7 +41,6 @@ class StepPolicy:
         self._cpu_autocast = self.fp16 and accelerator.device.type == "cpu"
         # a model lrft sharded itself never went through accelerate's prepare, which autocasts
         self._own_autocast = sharded and accelerator.mixed_precision != "no"
-        self.engine = accelerator.distributed_type.value
 
     def autocast(self) -> AbstractContextManager:
         if self._cpu_autocast:
@@ -72,8 +71,7 @@ class StepPolicy:
             norm_bad = (~torch.isfinite(norm.to(bad.device))).float()
         any_bad, any_norm_bad = torch.stack([bad, norm_bad]).tolist()  # the one host sync
         step = state.pos.step + 1
-        if step == 1 and not self.in_backward and not any_bad and self.engine != "DEEPSPEED":
-            # ZeRO keeps gradients inside its engine (p.grad stays None): it has its own checks
+        if step == 1 and not self.in_backward and not any_bad:
             check_gradients(self.acc.unwrap_model(model), allow_nonfinite=self.fp16)
         if any_bad or any_norm_bad:
             if self.t.on_nan == "stop":

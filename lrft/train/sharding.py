@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -58,19 +58,8 @@ def requested(tcfg: Any) -> str:
 
 def refuse(mode: str, cfg: Any, accelerator: Any) -> None:
     """Combinations a sharding engine does not train correctly, refused before any work."""
-    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
-    if deepspeed and cfg.trainer.grad_accum > 1:
-        # accelerate steps the DeepSpeed engine inside backward, and the engine divides by its own
-        # accumulation count: lrft's token-weighted window would be stepped micro-batch by micro-batch
-        raise UserError(
-            f"trainer.grad_accum={cfg.trainer.grad_accum} under DeepSpeed: the engine steps inside "
-            "backward, so lrft's token-weighted accumulation cannot hold the update back. Use "
-            "grad_accum=1 with a larger trainer.batch_size, or trainer.sharding=fsdp2 (accumulates)."
-        )
     if mode == "none":
         return
-    if deepspeed:
-        raise UserError("trainer.sharding=fsdp2 with a DeepSpeed launch: choose one engine.")
     if cfg.quantization.name != "none":
         raise UserError(
             f"quantization={cfg.quantization.name} with trainer.sharding=fsdp2: bitsandbytes' packed "
@@ -158,17 +147,6 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def whole_weights(params: list[nn.Parameter]) -> AbstractContextManager:
-    """DeepSpeed ZeRO-3 keeps each weight partitioned outside its own module's forward (its shape
-    reads as 0): gather ``params`` for the body. A no-op for every other engine."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        return nullcontext()
-    import deepspeed  # only reachable under a DeepSpeed launch
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-
-
 def local_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     """This rank's optimizer state with DTensor shards as plain local tensors (what a per-rank file
     holds: loading needs no device mesh, and a file is exactly this rank's share)."""
@@ -176,7 +154,7 @@ def local_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     def local(v: Any) -> Any:
         return v.to_local() if hasattr(v, "to_local") else v
 
-    if not isinstance(state.get("state"), dict):  # an engine's own format (ZeRO): as it is
+    if not isinstance(state.get("state"), dict):  # not torch's optimizer layout: as it is
         return state
     out = dict(state)
     out["state"] = {i: {k: local(v) for k, v in s.items()} for i, s in state["state"].items()}
