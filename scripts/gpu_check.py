@@ -71,6 +71,7 @@ SECTIONS: dict[str, tuple[float, float]] = {
     "train": (240, 120),
     "inits": (120, 60),
     "fp16": (120, 90),
+    "loop": (150, 120),
     "dropout": (90, 90),
     "qlora": (120, 60),
 }
@@ -100,6 +101,7 @@ TABLES: dict[str, tuple[str, str, list[str]]] = {
         "",
         ["steps", "overflow_steps", "loss scale (first, last)", "final train loss", "device"],
     ),
+    "loop": gpu_train.LOOP_TABLE,
     "masks": (
         "Dropout masks (lrft.methods.dropout)",
         "Forward application x ⊙ keep; lrft regenerates the mask in backward instead of storing it.",
@@ -525,6 +527,8 @@ def plan(check: Check, section: str, results: dict[str, dict[str, dict]]) -> Pla
         ]  # fmt: skip
     if section == "fp16":
         return [("fp16", "tiny_llama lora_fa, trainer.mixed_precision=fp16", lambda: fp16_row(check))]
+    if section == "loop":
+        return gpu_train.loop_plan(check)
     if section == "dropout":
         big = "2^22 (--tiny)" if check.args.tiny else "2^31"
         return [
@@ -740,7 +744,7 @@ def supervise(args: argparse.Namespace, report: Report, section: str, limit: flo
     deadline = time.monotonic() + limit
     start_row, planned, tries = 0, [], 0
     table_of = {"env": "env", "dropout": "masks", "fp16": "fp16", "inits": "inits", "planner": "planner"}
-    table_of["train"] = "train"
+    table_of.update(train="train", loop="loop")
     while tries < 3:
         tries += 1
         results.write_text(json.dumps(report.rows))

@@ -182,3 +182,80 @@ def plan(check: Any, results: dict[str, dict[str, dict]], lrft_builder: Any, pef
         row = lambda b=build, c=ckpt: production_row(check, b, c, True, None, results)  # noqa: E731
         out.append(("train", f"PEFT LoRA{tag}", row))
     return out
+
+
+LOOP_TABLE = (
+    "Through `lrft.train.train` on the device: resume, quantized bases with data-aware inits",
+    "tiny_llama, model.dtype=bfloat16, trainer.mixed_precision=bf16. The resumed row trains 4 steps "
+    "with a checkpoint every 2, then a second run resumes from step 2 into a new folder: its final "
+    "adapter against the uninterrupted one's. FSDP2 needs 2 processes (one per GPU) and is not run on "
+    "one GPU.",
+    ["steps", "final train loss", "seconds", "device", "check"],
+)
+
+
+def loop_overrides(check: Any, method: str, quant: str, steps: int) -> list[str]:
+    return [
+        "model=tiny_llama", "model.dtype=bfloat16", f"method={method}", f"quantization={quant}",
+        "trainer.mixed_precision=bf16", f"trainer.max_steps={steps}", "trainer.batch_size=4",
+        "trainer.log_every=1", f"trainer.cpu={str(not check.cuda).lower()}",
+    ]  # fmt: skip
+
+
+def loop_row(check: Any, method: str, quant: str) -> dict:
+    """3 steps of ``method`` on a ``quant`` base through lrft's own loop."""
+    import tempfile
+    from pathlib import Path
+
+    from lrft.config.compose import compose
+    from lrft.train import train
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu-check-loop-") as tmp:
+        s = train(compose(loop_overrides(check, method, quant, 3)), Path(tmp) / "run").summary
+    loss = s.get("train_loss")
+    ok = isinstance(loss, float) and loss == loss and s.get("skipped_steps") == 0
+    return {
+        "steps": str(s.get("steps")),
+        "final train loss": f"{loss:.4f}" if isinstance(loss, float) else "?",
+        "seconds": f"{time.perf_counter() - start:.1f}",
+        "device": check.device.type,
+        "check": "finite loss, no skipped step" if ok else f"FAILED: {s}",
+    }
+
+
+def resume_row(check: Any) -> dict:
+    """4 steps, checkpoint every 2; a second run resumes from step 2: the final adapters compared."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from lrft.config.compose import compose
+    from lrft.train import train
+
+    start = time.perf_counter()
+    over = [*loop_overrides(check, "lora_fa", "none", 4), "trainer.save_every=2"]
+    with tempfile.TemporaryDirectory(prefix="gpu-check-resume-") as tmp:
+        whole = train(compose(over), Path(tmp) / "whole").summary
+        step2 = Path(tmp) / "whole" / "checkpoints" / "step-00000002"
+        resumed = train(compose([*over, f"trainer.resume={step2}"]), Path(tmp) / "resumed").summary
+        a = load_file(Path(tmp) / "whole" / "final" / "trainable.safetensors")
+        b = load_file(Path(tmp) / "resumed" / "final" / "trainable.safetensors")
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    return {
+        "steps": f"{whole.get('steps')} (resumed at 2: {resumed.get('steps')})",
+        "final train loss": f"{whole['train_loss']:.4f} / {resumed['train_loss']:.4f}",
+        "seconds": f"{time.perf_counter() - start:.1f}",
+        "device": check.device.type,
+        "check": f"max abs diff of the final adapters {diff:.3g}" + (" (bit-identical)" if diff == 0 else ""),
+    }
+
+
+def loop_plan(check: Any) -> list:
+    out = [("loop", "lora_fa, save every 2 steps and resume", lambda: resume_row(check))]
+    for method in ("pissa", "lora_ga"):
+        for quant in ("nf4", "int8"):
+            row = lambda m=method, q=quant: loop_row(check, m, q)  # noqa: E731
+            out.append(("loop", f"{method} on a {quant} base", row))
+    return out

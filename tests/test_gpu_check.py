@@ -102,7 +102,7 @@ def test_report_is_under_out_and_printed(run: tuple[str, str, float]) -> None:
     assert "Unfinished" not in report and "error:" not in report, report
     # every table printed to stdout as its rows came in; the last print of each is the final table
     headings = ["Environment", "Training step", "`lrft memory`", "The production step", "Data-aware"]
-    for heading in [*headings, "fp16", "Dropout"]:
+    for heading in [*headings, "fp16", "Through `lrft.train.train`", "Dropout"]:
         printed = stdout.split(f"## {heading}")
         assert len(printed) > 1, heading
         assert rows(f"## {heading}" + printed[-1], "") == rows(report, heading), heading
@@ -170,6 +170,19 @@ def test_production_rows(run: tuple[str, str, float]) -> None:
         assert (predicted == "-") == label.startswith("PEFT"), (label, predicted)
     mib = {k: float(v[4].split()[0]) for k, v in table.items() if k.startswith("lrft")}
     assert mib["lrft lora_fa, checkpointed"] < mib["lrft lora_fa"] < mib["lrft lora"]
+
+
+def test_loop_rows_resume_and_quantized_inits(run: tuple[str, str, float]) -> None:
+    table = rows(run[0], "Through `lrft.train.train`")
+    assert list(table) == ["lora_fa, save every 2 steps and resume"] + [
+        f"{m} on a {q} base" for m in ("pissa", "lora_ga") for q in ("nf4", "int8")
+    ]
+    (resumed, *quantized) = table.values()
+    assert resumed[0] == "4 (resumed at 2: 4)"
+    assert resumed[4] == "max abs diff of the final adapters 0 (bit-identical)", resumed  # CPU: exact
+    for steps, loss, _seconds, device, check in quantized:
+        assert steps == "3" and float(loss) > 0 and device == "cpu"
+        assert check == "finite loss, no skipped step"
 
 
 def test_packed_batch_and_useful_flops() -> None:
