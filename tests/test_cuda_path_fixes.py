@@ -146,3 +146,26 @@ def test_pissa_svd_auto_is_exact_for_small_weights_and_randomized_for_large(caps
         model, {"target_modules": ["q_proj", "v_proj"], "modules_to_save": []}
     )
     assert "PiSSA init: exact SVD of 4 layers in" in capsys.readouterr().err
+
+
+def test_a_sharded_run_initializes_on_rank0s_gpu_only_when_it_fits(monkeypatch):
+    """Rank 0 of an FSDP2 run holds the whole model on the host; PiSSA's SVDs and LoRA-GA's
+    probes go to its GPU when the model takes at most 2/3 of the free memory, other methods and
+    a model that does not fit stay on the host (where the init ran before)."""
+    from torch import nn
+
+    from lrft.methods import get_method
+    from lrft.methods.schemas import LoraConfig, LoraGAConfig, PissaConfig
+    from lrft.train.materialize import init_device
+
+    model = nn.Linear(1000, 1000, bias=False)  # 4 MB of float32
+    cuda, free = torch.device("cuda", 0), {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    pissa, lora_ga = get_method("pissa")(PissaConfig()), get_method("lora_ga")(LoraGAConfig())
+    lora = get_method("lora")(LoraConfig())
+    free["bytes"] = 6_000_000  # 1.5 x 4 MB
+    assert init_device(pissa, model, cuda) == cuda and init_device(lora_ga, model, cuda) == cuda
+    assert init_device(lora, model, cuda) is None  # nothing to compute: no reason to move
+    assert init_device(pissa, model, torch.device("cpu")) is None
+    free["bytes"] = 5_999_999
+    assert init_device(pissa, model, cuda) is None

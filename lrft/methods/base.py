@@ -45,6 +45,9 @@ class Method(abc.ABC):
 
     name: str = "?"
     full_weights: bool = False  # True: the trained state is the whole model (saved with save_pretrained)
+    # True: initialize computes on the weights (SVDs, gradient probes), worth a GPU: a sharded run
+    # moves rank 0's whole model to its device for the init when it fits (lrft.train.materialize)
+    init_computes: bool = False
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

@@ -126,6 +126,7 @@ def ga_factors(
 @register_method("lora_ga", config=LoraGAConfig)
 class LoraGA(Lora):
     cfg: LoraGAConfig
+    init_computes = True  # gradient probes over the calibration batches, then an SVD per layer
 
     def init_layers(self, model: nn.Module, layers: dict[str, LowRankLinear], ctx: ApplyContext) -> None:
         if ctx.calibration is None:

@@ -56,6 +56,7 @@ def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int | None)
 @register_method("pissa", config=PissaConfig)
 class Pissa(Lora):
     cfg: PissaConfig
+    init_computes = True  # an SVD per adapted layer
 
     def init_layers(self, model: nn.Module, layers: dict[str, LowRankLinear], ctx: ApplyContext) -> None:
         c = self.cfg

@@ -15,7 +15,11 @@ Without this, every process of an FSDP2 run would load the whole model into host
    (``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``), each rank keeping
    its own shard; buffers (RoPE's ``inv_freq`` is not in the state dict) are broadcast whole.
 
-Step 1 can take long (loading, PiSSA's SVD or LoRA-GA's probes on the host), so the hand-over runs
+Step 1's data-aware init (PiSSA's SVDs, LoRA-GA's probes: ``Method.init_computes``) runs on rank
+0's GPU when the whole model fits there with room to spare (:func:`init_device`), then the model
+goes back to the host and the steps above go on unchanged: 224 SVDs of a 7B model take minutes
+on a host and seconds on a GPU. Otherwise it runs on the host. Loading can take long too, so the
+hand-over runs
 on a gloo group of its own with a long timeout; a failure on rank 0 is sent to the others, which
 raise it instead of waiting. Tested: ``tests/test_fsdp2.py`` (2 processes equal 1; resume).
 """
@@ -33,6 +37,17 @@ from lrft.errors import UserError
 HANDOVER_TIMEOUT = timedelta(hours=6)  # rank 0's load + init while the others wait
 
 Layout = dict[str, tuple[str, tuple[int, ...], torch.dtype]]  # name -> (kind, shape, dtype)
+
+
+def init_device(method: Any, model: nn.Module, device: torch.device) -> torch.device | None:
+    """Where rank 0 of a sharded run initializes ``method``: ``device`` (a GPU) when the method's
+    init computes on the weights and the whole model takes at most 2/3 of the device's free memory
+    (the rest for the SVD workspace, or LoRA-GA's probe activations); else None (the host)."""
+    if not getattr(method, "init_computes", False) or device.type != "cuda":
+        return None
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    free, _total = torch.cuda.mem_get_info(device)
+    return device if size * 1.5 <= free else None
 
 
 class Handover:

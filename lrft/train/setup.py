@@ -11,6 +11,7 @@ import json
 import math
 import platform
 import shlex
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -290,11 +291,15 @@ def _load_and_apply(
                 model.save_pretrained(run_dir / "base")
                 tokenizer.save_pretrained(run_dir / "base")
         model = quantize(model, cfg.model, cfg.quantization)
+    # on the device BEFORE the method: data-aware inits (PiSSA's SVD, LoRA-GA's gradient probes)
+    # then run on the GPU, not the host. A model to shard may not fit one device whole: it stays
+    # on the host, and fully_shard moves it over block by block (lrft.train.sharding), unless its
+    # init computes and it fits rank 0's device for that while (lrft.train.materialize.init_device)
+    init_on = None
     if not cfg.model.device_map and not engine.sharded:
-        # on the device BEFORE the method: data-aware inits (PiSSA's SVD, LoRA-GA's gradient
-        # probes) then run on the GPU, not the host. A model to shard may not fit one device whole:
-        # it stays on the host, and fully_shard moves it over block by block (lrft.train.sharding)
         model = model.to(accelerator.device)
+    elif engine.sharded and (init_on := materialize.init_device(method, model, accelerator.device)):
+        model = model.to(init_on)
     method.refuse(accelerator, model)
     collate = Collator(tokenizer, cfg.model.task)  # calibration batches, as training's
 
@@ -313,6 +318,10 @@ def _load_and_apply(
     split = None if engine.sharded else accelerator
     ctx = ApplyContext(calibration=calibration, accelerator=split, restoring=resume_from is not None)
     model = method.apply(model, defaults, ctx)
+    if init_on is not None:  # back to the host: sharding and the hand-over go on as without it
+        print(f"method={cfg.method.name}: initialized on rank 0's {init_on} (the whole model fits), "
+              "then sharded from the host", file=sys.stderr)  # fmt: skip
+        model = model.to("cpu")
     if resume_from is not None:
         restore_trainable(resume_from, cfg, method, model)
     return model
