@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 COLUMNS = ["checkpointing", "step ms", "real tokens/s", "peak GiB"]
-COLUMNS += ["predicted GiB", "predicted / measured", "MFU"]
+COLUMNS += ["predicted GiB", "predicted / measured", "MFU", "host syncs / step"]
 TABLE = (
     "The production step: `forward_backward` + `StepPolicy` under bf16 autocast, packed batches",
     "What `lrft train` runs with model.dtype=bfloat16 and trainer.mixed_precision=bf16: accelerate's "
@@ -37,7 +37,9 @@ TABLE = (
     "documents of random length, no padding. predicted GiB: `lrft memory` for the same config "
     "(trainer.gradient_checkpointing as in the row). MFU: useful FLOPs per token (6 x trainable + "
     "4 x frozen matmul weights, + 12 x layers x hidden x mean attended keys) x tokens/s over the "
-    "env section's matmul TFLOP/s.",
+    "env section's matmul TFLOP/s. host syncs / step: the warnings of "
+    "`torch.cuda.set_sync_debug_mode('warn')` over one more step, with where the first ones came "
+    "from (lrft's policy makes one by design).",
     COLUMNS,
 )
 
@@ -115,8 +117,29 @@ def production_row(check: Any, build: Any, ckpt: bool, peft: bool, overrides: li
     row.update(prediction(overrides, ckpt, row["peak GiB"]))
     peak = matmul_tflops(results)
     achieved = flops_per_token(acc.unwrap_model(model), batch) * tokens / seconds / 1e12
+    row["host syncs / step"] = count_syncs(check, step, batch, a.warmup + a.steps)
     row["MFU"] = f"{achieved / peak:.1%} ({achieved:.3g} TFLOP/s)" if peak else f"- ({achieved:.3g} TFLOP/s)"
     return row
+
+
+def count_syncs(check: Any, step: Any, batch: dict[str, torch.Tensor], i: int) -> str:
+    """Host synchronisations one step makes, by CUDA's own sync debug mode (a no-op on CPU)."""
+    import warnings
+    from collections import Counter
+    from pathlib import Path
+
+    if not check.cuda:
+        return "n/a (CPU)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch, i)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    top = ", ".join(f"{k} x{n}" for k, n in where.most_common(4))
+    return f"{sum(where.values())} ({top})" if where else "0"
 
 
 def lrft_step(acc: Any, model: Any, opt: Any) -> Any:

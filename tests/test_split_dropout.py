@@ -117,11 +117,12 @@ def test_packed_rows_with_the_shipped_dropout(tmp_path, method):
     assert max_diff(plain, packed) < 1e-6
 
 
-@pytest.mark.parametrize("method", ["lora_fa", "lora"])
+@pytest.mark.parametrize("method", ["lora_fa"])
 def test_the_readme_torchrun_command_is_one_two_process_run(tmp_path, method):
     """`torchrun --nproc_per_node 2 -m lrft train ...` with no trainer.cpu=true, on a machine with
     no GPU: one run of 2 processes (gloo), half the steps of 1 process at half the batch each,
-    equal to the 1-process run with the whole batch."""
+    equal to the 1-process run with the whole batch. lora_fa only (the suite's time): lora's
+    dropout masks are the same LowRankFn keys, split-tested in one process above."""
     args = [f"method={method}", *DEFAULTS, *uneven_data(tmp_path), *SGD, "trainer.max_steps=-1"]
     args += ["trainer.epochs=1"]
     one = run(tmp_path, "one", [*args, "trainer.batch_size=4"])
