@@ -17,14 +17,17 @@ cheapest and most informative first:
    targets, AdamW, one loss (lrft's token-weighted :func:`lrft.train.step.forward_backward`);
 3. ``planner``: ``lrft memory``'s prediction (:class:`lrft.memory.plan.Planner`, the same composed
    config) beside each measured peak of section 2;
-3b. ``train``: the production step (scripts/gpu_train.py): lrft's forward_backward + StepPolicy
+4. ``train``: the production step (scripts/gpu_train.py): lrft's forward_backward + StepPolicy
    under accelerate's bf16 autocast on packed 8 x 512 batches, checkpointing off and on, lora_fa,
-   lora and PEFT, with ``lrft memory``'s prediction and model FLOPs utilisation per row;
-4. ``inits``: data-aware inits on the device: PiSSA with randomized SVD, LoRA-GA;
-5. ``fp16``: an fp16 run through ``lrft.train.train`` (GradScaler): overflow steps, loss scale;
-6. ``dropout``: the low-rank layer's dropout mask (lrft.methods.dropout), eager hash, fused hash
-   and torch's dropout, and whether the fused bits equal the eager ones on this device;
-7. ``qlora``: lrft QLoRA-FA (nf4 base, bitsandbytes) step and prediction, last.
+   lora and PEFT, with ``lrft memory``'s prediction, model FLOPs utilisation and host syncs per row;
+5. ``inits``: data-aware inits on the device: PiSSA with randomized SVD, LoRA-GA;
+6. ``fp16``: an fp16 run through ``lrft.train.train`` (GradScaler): overflow steps, loss scale;
+7. ``loop``: ``lrft.train.train`` in bf16: save and resume against the uninterrupted run, PiSSA
+   and LoRA-GA on nf4 and int8 bases (scripts/gpu_train.py);
+8. ``dropout``: the low-rank layer's dropout mask (lrft.methods.dropout), eager hash, fused hash
+   and torch's dropout, which kernel really ran, whether the fused bits equal the eager ones on
+   this device, and the fused kernel on more than 2^31 elements;
+9. ``qlora``: lrft QLoRA-FA (nf4 base, bitsandbytes) step and prediction, last.
 
 ``--tiny`` runs the same code on CPU with tiny LLaMA shapes in seconds (tests/test_gpu_check.py).
 
