@@ -58,8 +58,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's lrft, also when run as a plain script
-sys.path.insert(0, str(ROOT / "scripts"))  # gpu_train, also when imported from the tests
+sys.path.insert(0, str(ROOT / "scripts"))  # gpu_train, gpu_dropout, also from the tests
 
+import gpu_dropout  # noqa: E402
 import gpu_train  # noqa: E402
 
 GIB = 1 << 30
@@ -293,104 +294,6 @@ def init_row(check: Check, method: str, extra: tuple[str, ...]) -> dict:
     return {"seconds": f"{seconds:.1f}", "layers": str(layers), "peak GiB": check.peak(), "on": ",".join(on)}
 
 
-def fp16_row(check: Check) -> dict:
-    """A few fp16 steps through lrft's own loop: the GradScaler's overflows are skipped, counted."""
-    from lrft.config.compose import compose
-    from lrft.train import train
-
-    steps = 3 if check.args.tiny else 30
-    overrides = ["model=tiny_llama", "method=lora_fa", "trainer.mixed_precision=fp16", "trainer.log_every=1"]
-    overrides += [f"trainer.max_steps={steps}", "trainer.batch_size=4"]
-    overrides.append(f"trainer.cpu={str(not check.cuda).lower()}")
-    cfg = compose(overrides)
-    with tempfile.TemporaryDirectory(prefix="gpu-check-fp16-") as tmp:
-        run = train(cfg, Path(tmp) / "run")
-        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(x) for x in lines if x.strip()]
-    scales = [r["loss_scale"] for r in records if "loss_scale" in r]
-    s = run.summary
-    return {
-        "steps": str(s.get("steps", steps)),
-        "overflow_steps": str(s.get("overflow_steps")),
-        "loss scale (first, last)": f"{scales[0]:g}, {scales[-1]:g}" if scales else "not logged",
-        "final train loss": f"{s['train_loss']:.4f}" if isinstance(s.get("train_loss"), float) else "?",
-        "device": check.device.type,
-    }
-
-
-def kernel_ran(before: tuple[int, str]) -> str:
-    """Which dropout kernel made the masks since ``before`` (``fused_status()`` then): a failed
-    compile falls back to eager process-wide, and the bits-equal check would compare eager with
-    eager."""
-    from lrft.methods.dropout import fused_status
-
-    calls, error = fused_status()
-    if error:
-        return f"eager fallback: {error[:120]}"
-    return f"fused ({calls - before[0]} masks)" if calls > before[0] else "eager (fused never ran)"
-
-
-def mask_rows(check: Check, p: float = 0.05, repeats: int = 20) -> list[tuple[str, dict]]:
-    """ms per dropout mask applied (forward: x ⊙ keep) on a (batch, length, intermediate) bf16
-    activation: lrft's hash eager and fused, and torch's dropout (one kernel, a stored mask)."""
-    from lrft.config.compose import compose
-    from lrft.methods.dropout import drop, fused_status, new_seed
-
-    width = int(compose([f"model={check.model_cfg}"]).model.from_config.intermediate_size)
-    x = torch.randn(check.args.batch, check.args.length, width, device=check.device, dtype=torch.bfloat16)
-    seed = new_seed(check.device)
-    eager = drop(x, p, seed, "eager")
-    before = fused_status()
-    same = torch.equal(drop(x, p, seed, "fused"), eager)  # also compiles the fused kernel
-    candidates = {
-        "lrft hash, eager (~15 ops)": lambda: drop(x, p, seed, "eager"),
-        "lrft hash, fused (one compiled kernel)": lambda: drop(x, p, seed, "fused"),
-        "torch.nn.functional.dropout": lambda: torch.nn.functional.dropout(x, p, training=True),
-    }
-    rows = []
-    for label, fn in candidates.items():
-        fn()
-        check.sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        check.sync()
-        row = {"ms per mask": f"{(time.perf_counter() - start) / repeats * 1e3:.3f}"}
-        row["bits equal eager"] = str(same) if "fused" in label else "-"
-        row["kernel run"] = kernel_ran(before) if "fused" in label else "-"
-        row["keep rate"] = f"{(fn() != 0).float().mean().item():.4f} (1 - p = {1 - p:g})"
-        rows.append((label, row))
-    shape = f"{tuple(x.shape)} bf16, p={p}"
-    return [(f"{label} [{shape}]", row) for label, row in rows]
-
-
-def huge_mask_row(check: Check, p: float = 0.05) -> dict:
-    """The fused kernel on an activation of more than 2^31 elements (on the GPU; ``--tiny``: 2^22):
-    int32 index arithmetic inside a compiled kernel is the risk. Equal to eager bit for bit, and the
-    keep rate measured on the elements past flat index 2^31 alone (a wrapped index would repeat
-    or zero the first rows' bits there)."""
-    from lrft.methods.dropout import drop, fused_status, new_seed
-
-    width = 11008  # LLaMA-7B's MLP width
-    limit = 2**22 if check.args.tiny else 2**31
-    n = limit // width + 1  # rows: n x width > limit
-    x = torch.randn(n, width, device=check.device, dtype=torch.bfloat16)
-    x[x == 0] = 1.0  # so "kept" reads as "non-zero"
-    seed = new_seed(check.device)
-    before = fused_status()
-    fused = drop(x, p, seed, "fused")
-    ran = kernel_ran(before)
-    same = torch.equal(fused, drop(x, p, seed, "eager"))
-    tail = fused.view(-1)[limit:]
-    kept = torch.count_nonzero(tail).item() / tail.numel()
-    return {
-        "ms per mask": "-",
-        "bits equal eager": str(same),
-        "kernel run": ran,
-        "keep rate": f"{kept:.4f} past element {limit:,} ({tail.numel():,} elements)",
-    }
-
-
 def step_row(check: Check, build: Callable[[], tuple[Any, Any]]) -> dict:
     """Warm-up, then timed optimizer steps of one configuration; peak over all its steps."""
     from accelerate import Accelerator
@@ -529,14 +432,16 @@ def plan(check: Check, section: str, results: dict[str, dict[str, dict]]) -> Pla
             ),
         ]  # fmt: skip
     if section == "fp16":
-        return [("fp16", "tiny_llama lora_fa, trainer.mixed_precision=fp16", lambda: fp16_row(check))]
+        return [
+            ("fp16", "tiny_llama lora_fa, trainer.mixed_precision=fp16", lambda: gpu_train.fp16_row(check))
+        ]
     if section == "loop":
         return gpu_train.loop_plan(check)
     if section == "dropout":
         big = "2^22 (--tiny)" if check.args.tiny else "2^31"
         return [
-            ("masks", "dropout masks", lambda: mask_rows(check)),
-            ("masks", f"fused, more than {big} elements", lambda: huge_mask_row(check)),
+            ("masks", "dropout masks", lambda: gpu_dropout.mask_rows(check)),
+            ("masks", f"fused, more than {big} elements", lambda: gpu_dropout.huge_mask_row(check)),
         ]
     if section == "qlora":
         label, qlora = "lrft QLoRA-FA (nf4 base)", ("lora_fa", "nf4")

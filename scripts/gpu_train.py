@@ -21,9 +21,12 @@ forward is not useful work, so it lowers MFU by design.
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,7 +129,6 @@ def count_syncs(check: Any, step: Any, batch: dict[str, torch.Tensor], i: int) -
     """Host synchronisations one step makes, by CUDA's own sync debug mode (a no-op on CPU)."""
     import warnings
     from collections import Counter
-    from pathlib import Path
 
     if not check.cuda:
         return "n/a (CPU)"
@@ -227,9 +229,6 @@ def loop_overrides(check: Any, method: str, quant: str, steps: int) -> list[str]
 
 def loop_row(check: Any, method: str, quant: str) -> dict:
     """3 steps of ``method`` on a ``quant`` base through lrft's own loop."""
-    import tempfile
-    from pathlib import Path
-
     from lrft.config.compose import compose
     from lrft.train import train
 
@@ -249,9 +248,6 @@ def loop_row(check: Any, method: str, quant: str) -> dict:
 
 def resume_row(check: Any) -> dict:
     """4 steps, checkpoint every 2; a second run resumes from step 2: the final adapters compared."""
-    import tempfile
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     from lrft.config.compose import compose
@@ -282,3 +278,28 @@ def loop_plan(check: Any) -> list:
             row = lambda m=method, q=quant: loop_row(check, m, q)  # noqa: E731
             out.append(("loop", f"{method} on a {quant} base", row))
     return out
+
+
+def fp16_row(check: Any) -> dict:
+    """A few fp16 steps through lrft's own loop: the GradScaler's overflows are skipped, counted."""
+    from lrft.config.compose import compose
+    from lrft.train import train
+
+    steps = 3 if check.args.tiny else 30
+    overrides = ["model=tiny_llama", "method=lora_fa", "trainer.mixed_precision=fp16", "trainer.log_every=1"]
+    overrides += [f"trainer.max_steps={steps}", "trainer.batch_size=4"]
+    overrides.append(f"trainer.cpu={str(not check.cuda).lower()}")
+    cfg = compose(overrides)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-fp16-") as tmp:
+        run = train(cfg, Path(tmp) / "run")
+        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines if x.strip()]
+    scales = [r["loss_scale"] for r in records if "loss_scale" in r]
+    s = run.summary
+    return {
+        "steps": str(s.get("steps", steps)),
+        "overflow_steps": str(s.get("overflow_steps")),
+        "loss scale (first, last)": f"{scales[0]:g}, {scales[-1]:g}" if scales else "not logged",
+        "final train loss": f"{s['train_loss']:.4f}" if isinstance(s.get("train_loss"), float) else "?",
+        "device": check.device.type,
+    }
