@@ -193,6 +193,20 @@ class Check:
             self.sync()
             torch.cuda.reset_peak_memory_stats()
 
+    def time_steps(self, step: Callable[[int], Any]) -> float:
+        """Seconds per step: ``args.warmup`` untimed calls of ``step(i)``, then ``args.steps``
+        timed ones; the peak-memory counter is reset first, so the peak covers all of them."""
+        a = self.args
+        self.reset_peak()
+        start = 0.0
+        for i in range(a.warmup + a.steps):
+            if i == a.warmup:
+                self.sync()
+                start = time.perf_counter()
+            step(i)
+        self.sync()
+        return (time.perf_counter() - start) / a.steps
+
     def peak(self) -> str:
         return f"{torch.cuda.max_memory_allocated() / GIB:.2f}" if self.cuda else "n/a (CPU)"
 
@@ -308,17 +322,13 @@ def step_row(check: Check, build: Callable[[], tuple[Any, Any]]) -> dict:
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batch = check.batch(model.config.vocab_size)
-    check.reset_peak()
-    start = 0.0
-    for i in range(a.warmup + a.steps):
-        if i == a.warmup:
-            check.sync()
-            start = time.perf_counter()
+
+    def step(_i: int) -> None:
         forward_backward(acc, model, [batch], "causal")
         opt.step()
         opt.zero_grad(set_to_none=True)
-    check.sync()
-    seconds = (time.perf_counter() - start) / a.steps
+
+    seconds = check.time_steps(step)
     return {
         "trainable": f"{trainable / 1e6:.2f}M",
         "step ms": f"{seconds * 1e3:.1f}",

@@ -101,15 +101,7 @@ def production_row(check: Any, build: Any, ckpt: bool, peft: bool, overrides: li
     model.train()
     batch = {k: v.to(acc.device) for k, v in packed_batch(model.config.vocab_size, a.batch, a.length).items()}
     step = peft_step(acc, model, opt) if peft else lrft_step(acc, model, opt)
-    check.reset_peak()
-    start = 0.0
-    for i in range(a.warmup + a.steps):
-        if i == a.warmup:
-            check.sync()
-            start = time.perf_counter()
-        step(batch, i)
-    check.sync()
-    seconds = (time.perf_counter() - start) / a.steps
+    seconds = check.time_steps(lambda i: step(batch, i))
     tokens = batch["input_ids"].numel()  # every position is a real token: the rows are full
     row = {
         "checkpointing": "every block" if ckpt else "off",
